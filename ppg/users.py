@@ -1,0 +1,93 @@
+"""User simulators: who answers the agent between its turns.
+
+Every simulator answers a batch at once: ``respond(contexts, histories, turn)`` returns one
+reply per conversation, or ``None`` where the user ends the conversation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ppg.generation import Sampling, generate_replies
+from ppg.problems.base import Context
+
+History = list[tuple[str, str]]
+
+
+def user_view(context: Context, history: History) -> list[dict]:
+    """The conversation from the simulated user's side: roles swapped, the user's own prompt."""
+    messages = [{"role": "system", "content": context.user_system_prompt}]
+    for role, text in history:
+        messages.append({"role": "assistant" if role == "user" else "user", "content": text})
+    return messages
+
+
+class UserSimulator:
+    """Base class; ``bind`` gives model-backed simulators access to the policy when they need it."""
+
+    def bind(self, policy, tokenizer) -> None:
+        pass
+
+    def respond(self, contexts: Sequence[Context], histories: Sequence[History], turn: int) -> list[str | None]:
+        raise NotImplementedError
+
+
+class ScriptedUser(UserSimulator):
+    """Replies with the context's ``user_lines[turn]`` (e.g. the other side of a logged chat).
+
+    When the lines run out the conversation ends, or restarts from the first line if ``cycle``.
+    """
+
+    def __init__(self, cycle: bool = False):
+        self.cycle = cycle
+
+    def respond(self, contexts, histories, turn):
+        replies = []
+        for context in contexts:
+            lines = context.user_lines
+            if turn < len(lines):
+                replies.append(lines[turn])
+            else:
+                replies.append(lines[turn % len(lines)] if self.cycle and lines else None)
+        return replies
+
+
+class _ModelBackedUser(UserSimulator):
+    def __init__(self, sampling: Sampling | None = None):
+        self.sampling = sampling or Sampling(temperature=0.7, max_new_tokens=40)
+
+    def _generate(self, model, tokenizer, contexts, histories) -> list[str]:
+        conversations = [user_view(c, h) for c, h in zip(contexts, histories)]
+        return generate_replies(model, tokenizer, conversations, self.sampling)
+
+
+class SelfPlayUser(_ModelBackedUser):
+    """The policy's own base model with LoRA adapters disabled, playing the user's role prompt.
+
+    Uses the already-loaded policy (no second copy of the weights in memory).
+    """
+
+    def bind(self, policy, tokenizer):
+        self.policy, self.tokenizer = policy, tokenizer
+
+    def respond(self, contexts, histories, turn):
+        if not hasattr(self, "policy"):
+            raise RuntimeError("SelfPlayUser is not bound to a policy; the rollout engine binds it")
+        with self.policy.disable_adapter():
+            return self._generate(self.policy, self.tokenizer, contexts, histories)
+
+
+class ModelUser(_ModelBackedUser):
+    """Any other HF causal LM as the user (loaded once, frozen, optionally quantized)."""
+
+    def __init__(self, name_or_path: str, quantization: str = "none", sampling: Sampling | None = None):
+        super().__init__(sampling)
+        self.spec = {"name_or_path": name_or_path, "quantization": quantization}
+        self._model = None
+
+    def respond(self, contexts, histories, turn):
+        if self._model is None:
+            from ppg.models import load_base_model
+
+            self._model, self._tokenizer = load_base_model(self.spec)
+        return self._generate(self._model, self._tokenizer, contexts, histories)
