@@ -89,3 +89,15 @@ def _convert_smollm2(directory: Path) -> None:
     steps.update()
     steps.close()
     print(f"ppg: embedded model ready in {time.perf_counter() - started:.1f}s at {directory}")
+
+
+def prepare_model(name: str = SMOLLM2, force: bool = False) -> None:
+    """Convert the embedded model's GGUF to a cached safetensors copy (once; later runs reuse it).
+
+    Args:
+        name: embedded model name.
+        force: convert again even if a valid cached copy exists.
+    """
+    started = time.perf_counter()
+    directory = embedded_model_dir(name, force=force)
+    print(f"ppg: embedded:{name} ready at {directory} ({time.perf_counter() - started:.1f}s)")

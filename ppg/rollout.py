@@ -39,7 +39,10 @@ class Rollout:
         return [text for role, text in self.messages if role == "assistant"]
 
     def to_json(self) -> dict:
+        """The logged-conversation record (see ``LoggedConversationDataModule``)."""
         return {"context_id": self.context.context_id, "group_id": self.group_id,
+                "agent_system_prompt": self.context.agent_system_prompt,
+                "user_system_prompt": self.context.user_system_prompt,
                 "persona": self.context.persona, "messages": [list(m) for m in self.messages],
                 "rewards": self.rewards, "turn_mask": self.turn_mask}
 
@@ -58,18 +61,27 @@ class RolloutBatch:
     turn_mask: torch.Tensor  # [B, n] bool
     group_ids: torch.Tensor  # [B]
     rollouts: list[Rollout] = field(default_factory=list, repr=False)
+    temperature: float = 1.0  # the sampling temperature, so log-probs match what was sampled
 
     @property
     def n_turns(self) -> int:
         return self.rewards.shape[1]
 
+    def select(self, rows: list[int]) -> RolloutBatch:
+        """The sub-batch of ``rows`` (padding kept)."""
+        index = torch.tensor(rows, dtype=torch.long)
+        picked = {name: getattr(self, name)[index.to(getattr(self, name).device)] for name in
+                  ("input_ids", "attention_mask", "action_mask", "rewards", "turn_mask", "group_ids")}
+        return RolloutBatch(**picked, rollouts=[self.rollouts[r] for r in rows if r < len(self.rollouts)],
+                            temperature=self.temperature)
+
     def to(self, device) -> RolloutBatch:
         moved = {name: getattr(self, name).to(device) for name in
                  ("input_ids", "attention_mask", "action_mask", "rewards", "turn_mask", "group_ids")}
-        return RolloutBatch(**moved, rollouts=self.rollouts)
+        return RolloutBatch(**moved, rollouts=self.rollouts, temperature=self.temperature)
 
 
-def collate_rollouts(rollouts: Sequence[Rollout], pad_id: int) -> RolloutBatch:
+def collate_rollouts(rollouts: Sequence[Rollout], pad_id: int, temperature: float = 1.0) -> RolloutBatch:
     """Pad rollouts (all with the same number of turns) into a ``RolloutBatch``."""
     n_turns = len(rollouts[0].rewards)
     input_ids, attention_mask = left_pad([r.token_ids for r in rollouts], pad_id)
@@ -83,6 +95,7 @@ def collate_rollouts(rollouts: Sequence[Rollout], pad_id: int) -> RolloutBatch:
         turn_mask=torch.tensor([r.turn_mask for r in rollouts], dtype=torch.bool),
         group_ids=torch.tensor([r.group_id for r in rollouts], dtype=torch.long),
         rollouts=list(rollouts),
+        temperature=temperature,
     )
 
 
@@ -133,7 +146,7 @@ class ChatTemplateSegments:
     def opening(self, context: Context) -> list[int]:
         messages = [{"role": "system", "content": context.agent_system_prompt},
                     {"role": "user", "content": context.opening}]
-        return self._encode(self._render(messages, generation_prompt=True))
+        return self.encode(self._render(messages, generation_prompt=True))
 
     def after_agent(self, user_text: str | None, stop_text: str | None) -> list[int]:
         """Tokens between an agent turn and the next one: the turn's closing, the user's reply,
@@ -148,13 +161,13 @@ class ChatTemplateSegments:
         # The sampled stop token already closed the turn: don't add it twice.
         if stop_text and text.startswith(stop_text):
             text = text[len(stop_text):]
-        return self._encode(text)
+        return self.encode(text)
 
     def _render(self, messages, generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=generation_prompt)
 
-    def _encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -258,3 +271,31 @@ class RolloutEngine:
             bar.update(1)
         return states
 
+
+
+def rollout_from_messages(tokenizer, context: Context, messages: list[tuple[str, str]],
+                          rewards: list[float], turn_mask: list[bool] | None = None,
+                          group_id: int = 0) -> Rollout:
+    """Rebuild a rollout's tokens from logged texts, each agent line closed by the stop token."""
+    roles = [role for role, _ in messages]
+    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(messages))]
+    if roles != expected:
+        raise ValueError("messages must alternate user/assistant starting with the user")
+    agent_lines = [text for role, text in messages if role == "assistant"]
+    if len(agent_lines) > len(rewards):
+        raise ValueError(f"{len(agent_lines)} agent turns but {len(rewards)} rewards")
+    turn_mask = list(turn_mask) if turn_mask is not None else [i < len(agent_lines) for i in range(len(rewards))]
+    segments = ChatTemplateSegments(tokenizer)
+    stop = stop_token_ids(tokenizer)[0]
+    stop_text = tokenizer.decode([stop])
+    tokens = segments.opening(context)
+    turns = [-1] * len(tokens)
+    for turn, line in enumerate(agent_lines):
+        action = segments.encode(line) + [stop]
+        reply_index = 2 * turn + 2
+        reply = messages[reply_index][1] if reply_index < len(messages) else None
+        piece = segments.after_agent(reply, stop_text)
+        tokens += action + piece
+        turns += [turn] * len(action) + [-1] * len(piece)
+    return Rollout(context=context, group_id=group_id, token_ids=tokens, action_turn=turns,
+                   rewards=[float(r) for r in rewards], turn_mask=turn_mask, messages=list(messages))

@@ -1,0 +1,58 @@
+"""Reproducibility and safe stops: what a run was, and a checkpoint when it dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import lightning as L
+
+PACKAGES = ("ppg", "torch", "lightning", "transformers", "peft", "bitsandbytes", "torchmetrics",
+            "omegaconf", "jsonargparse", "gguf")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+class RunRecord(L.Callback):
+    """Writes ``run.json`` (seed, command line, package versions, machine) into the log dir.
+
+    The resolved config sits beside it as ``config.yaml`` (LightningCLI's SaveConfigCallback).
+    """
+
+    def setup(self, trainer, pl_module, stage):
+        if trainer.global_rank != 0 or trainer.log_dir is None:
+            return
+        record = {"stage": stage, "seed": os.environ.get("PL_GLOBAL_SEED"), "argv": sys.argv,
+                  "python": platform.python_version(), "platform": platform.platform(),
+                  "packages": package_versions(), "world_size": trainer.world_size}
+        Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
+        (Path(trainer.log_dir) / "run.json").write_text(json.dumps(record, indent=2))
+
+
+class CheckpointOnException(L.Callback):
+    """On any exception (judge failure, non-finite loss, Ctrl-C) save ``interrupted.ckpt`` first."""
+
+    def on_exception(self, trainer, pl_module, exception):
+        reason = str(exception).strip().splitlines()[0] if str(exception).strip() else type(exception).__name__
+        if getattr(pl_module, "policy", None) is None or trainer.log_dir is None:
+            print(f"ppg: stopped: {reason}", file=sys.stderr)
+            return
+        path = Path(trainer.log_dir) / "checkpoints" / "interrupted.ckpt"
+        try:
+            trainer.save_checkpoint(path)
+            saved = f"checkpoint saved to {path}"
+        except Exception as error:  # the stop reason matters more than a failed save
+            saved = f"checkpoint could not be saved ({type(error).__name__})"
+        print(f"ppg: stopped: {type(exception).__name__}: {reason}; {saved}", file=sys.stderr)

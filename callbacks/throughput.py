@@ -1,0 +1,29 @@
+"""Tokens per second for rollout generation and for training updates."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+
+
+class RolloutThroughput(L.Callback):
+    """Logs ``rollout/tokens_per_s`` (generated agent + user tokens over generation time, per
+    epoch) and ``train/tokens_per_s`` (tokens through forward+backward per second of updates)."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        stats = getattr(trainer.datamodule, "last_stats", None)
+        if stats is not None:
+            rates = stats.tokens_per_s()
+            pl_module.log("rollout/tokens_per_s", rates["total"], on_epoch=True, sync_dist=True)
+            pl_module.log("rollout/agent_tokens_per_s", rates["agent"], on_epoch=True, sync_dist=True)
+        self._tokens, self._seconds = 0, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._seconds += time.perf_counter() - self._started
+        self._tokens += int(batch.attention_mask.sum()) * pl_module.updates_per_batch
+        pl_module.log("train/tokens_per_s", self._tokens / max(self._seconds, 1e-9),
+                      on_step=False, on_epoch=True, batch_size=batch.rewards.shape[0])

@@ -1,0 +1,89 @@
+"""The ``ppg`` command: LightningCLI (fit, validate, test) plus ppg's own tools."""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from ppg.data import RolloutDataModule
+from ppg.module import PartialPolicyGradientModule
+
+# name -> "module:function"; each function is exposed through jsonargparse (typed arguments).
+TOOLS = {
+    "prepare-model": ("ppg.embedded:prepare_model", "convert and cache the embedded model"),
+    "chat": ("ppg.tools:chat", "one persona reply from a (quantized) model"),
+    "rollout": ("ppg.tools:rollout", "write logged conversations (JSONL) from a policy and a problem"),
+    "judge-eval": ("ppg.judge_eval:judge_eval", "accuracy/AUROC of judges on the labelled set"),
+    "compare": ("ppg.compare:compare", "train and compare policy classes on one problem"),
+    "evaluate": ("ppg.tools:evaluate", "a trained policy vs the base model on held-out contexts"),
+}
+ONE_LINE_ERRORS = (ValueError, FileNotFoundError, RuntimeError, FloatingPointError)
+
+
+def _tools_epilog() -> str:
+    width = max(len(name) for name in TOOLS)
+    lines = [f"  {name.ljust(width)}  {help_text}" for name, (_, help_text) in TOOLS.items()]
+    return "other commands (ppg COMMAND --help):\n" + "\n".join(lines)
+
+
+class PPGCLI(LightningCLI):
+    """LightningCLI with omegaconf interpolation, stacked configs and ppg's defaults."""
+
+    def __init__(self, args=None, run: bool = True):
+        omegaconf = {"parser_mode": "omegaconf"}
+        super().__init__(
+            PartialPolicyGradientModule,
+            RolloutDataModule,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "reload_dataloaders_every_n_epochs": 1,
+                "num_sanity_val_steps": 0,
+                "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                           "init_args": {"save_dir": "runs"}},
+                "callbacks": _always_on_callbacks(),
+            },
+            parser_kwargs={**omegaconf, "epilog": _tools_epilog(),
+                           **{name: dict(omegaconf) for name in ("fit", "validate", "test")}},
+            args=args,
+            run=run,
+        )
+
+    def subcommands(self):
+        return {name: kwargs for name, kwargs in super().subcommands().items()
+                if name in ("fit", "validate", "test")}
+
+
+def _always_on_callbacks():
+    from callbacks.run_record import CheckpointOnException, RunRecord
+
+    return [RunRecord(), CheckpointOnException()]
+
+
+def run_tool(name: str, argv: list[str]) -> None:
+    import importlib
+
+    from jsonargparse import auto_cli
+
+    target, _ = TOOLS[name]
+    module_name, function_name = target.split(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    auto_cli(function, args=argv, parser_mode="omegaconf", as_positional=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args and args[0] in TOOLS:
+            run_tool(args[0], args[1:])
+        else:
+            PPGCLI(args=argv)
+    except ONE_LINE_ERRORS as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"ppg: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
