@@ -42,4 +42,9 @@ class PolicyClassMetrics(L.Callback):
         for name, (value, weight) in values.items():
             metric = self._metric(name, pl_module.device)
             metric.update(value, weight if weight is not None else torch.ones_like(value))
-            pl_module.log(name, metric, on_step=False, on_epoch=True, batch_size=len(value))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        # compute() averages over all ranks (sync_on_compute), so every rank logs the same value.
+        for name, metric in self.metrics.items():
+            pl_module.log(name, metric.compute(), on_epoch=True, rank_zero_only=True)
+            metric.reset()

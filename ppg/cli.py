@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from lightning.pytorch.cli import LightningCLI
 
 from ppg.data import RolloutDataModule
+from ppg.judges.openai_compatible import JudgeError
 from ppg.module import PartialPolicyGradientModule
 
 # name -> "module:function"; each function is exposed through jsonargparse (typed arguments).
@@ -16,9 +18,11 @@ TOOLS = {
     "rollout": ("ppg.tools:rollout", "write logged conversations (JSONL) from a policy and a problem"),
     "judge-eval": ("ppg.judge_eval:judge_eval", "accuracy/AUROC of judges on the labelled set"),
     "compare": ("ppg.compare:compare", "train and compare policy classes on one problem"),
-    "evaluate": ("ppg.tools:evaluate", "a trained policy vs the base model on held-out contexts"),
+    "evaluate": ("ppg.compare:evaluate", "a trained policy vs the base model on held-out contexts"),
 }
-ONE_LINE_ERRORS = (ValueError, FileNotFoundError, RuntimeError, FloatingPointError)
+# Bad input and the failures a run stops on (judge down, non-finite loss): one line, no traceback
+# (set PPG_DEBUG=1 for the traceback).
+ONE_LINE_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, JudgeError)
 
 
 def _tools_epilog() -> str:
@@ -50,6 +54,14 @@ class PPGCLI(LightningCLI):
             run=run,
         )
 
+    def before_fit(self):
+        # One checkpoint folder per run name (not per logger version), so that
+        # `--ckpt_path last` finds the previous run's last.ckpt.
+        logger = self.trainer.logger
+        for callback in self.trainer.checkpoint_callbacks:
+            if callback.dirpath is None and logger is not None and logger.save_dir is not None:
+                callback.dirpath = os.path.join(logger.save_dir, logger.name or "", "checkpoints")
+
     def subcommands(self):
         return {name: kwargs for name, kwargs in super().subcommands().items()
                 if name in ("fit", "validate", "test")}
@@ -80,9 +92,18 @@ def main(argv: list[str] | None = None) -> None:
         else:
             PPGCLI(args=argv)
     except ONE_LINE_ERRORS as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"ppg: error: {message}", file=sys.stderr)
+        if os.environ.get("PPG_DEBUG"):
+            raise
+        print(f"ppg: error: {_root_message(error)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _root_message(error: BaseException) -> str:
+    """The first line of the innermost cause (jsonargparse wraps the class's own error)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 if __name__ == "__main__":

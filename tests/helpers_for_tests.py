@@ -1,0 +1,11 @@
+"""Importable from configs in tests (pytest puts tests/ on sys.path)."""
+
+from ppg.judges.base import Judge
+from ppg.judges.openai_compatible import JudgeError
+
+
+class FailingJudge(Judge):
+    """Fails like an unreachable judge server."""
+
+    def score(self, requests):
+        raise JudgeError("judge server http://127.0.0.1:9/v1 unreachable after 3 tries")

@@ -1,0 +1,137 @@
+"""The Lightning system end to end on the tiny random Llama: CLI fit, metrics, resume, DDP."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ppg.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+FAST = [
+    "--config", str(CONFIGS / "experiment" / "smoke.yaml"),
+    "--config", str(CONFIGS / "model" / "tiny-random.yaml"),
+    "--data.init_args.rollouts_per_epoch=4", "--data.init_args.group_size=2",
+    "--data.init_args.batch_size=2", "--data.init_args.val_contexts=2",
+    "--data.init_args.sampling.max_new_tokens=6", "--data.init_args.progress=false",
+    "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+]
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _fit(tmp_path, *extra, name="run"):
+    main(["fit", *FAST, f"--trainer.logger.init_args.name={name}", *extra])
+
+
+def _losses(tmp_path, name, version=0):
+    rows = _rows(tmp_path / "runs" / name / f"version_{version}" / "metrics.csv")
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+@pytest.fixture()
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_fit_writes_design_metrics_config_and_run_record(in_tmp):
+    _fit(in_tmp, "--trainer.max_epochs=2")
+    log_dir = in_tmp / "runs" / "run" / "version_0"
+    columns = set(_rows(log_dir / "metrics.csv")[0])
+    expected = {"policy/k2/reward_mean", "policy/k2/reward_turn0", "policy/k2/reward_turn2",
+                "policy/k2/credit_mean", "policy/greedy/credit_mean", "policy/full/credit_mean",
+                "policy/k2/loss", "grad_noise/k2/snr", "grad_noise/full/snr",
+                "rollout/tokens_per_s", "train/tokens_per_s", "val/reward_mean"}
+    assert expected <= columns, expected - columns
+    record = json.loads((log_dir / "run.json").read_text())
+    assert record["seed"] == "0" and record["packages"]["torch"]
+    assert "KStepLookahead" in (log_dir / "config.yaml").read_text()
+    assert (in_tmp / "runs" / "run" / "checkpoints" / "last.ckpt").exists()
+    assert list((log_dir / "transcripts").glob("train_epoch001.md"))
+
+
+def test_checkpoint_holds_only_adapters(in_tmp):
+    import torch
+
+    _fit(in_tmp, "--trainer.max_epochs=1")
+    state = torch.load(in_tmp / "runs" / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    keys = list(state["state_dict"])
+    assert keys and all("lora_" in k for k in keys)
+    assert len(state["RolloutDataModule"]["rollouts"]) == 4  # the epoch's rollouts, for mid-epoch resume
+
+
+def test_resume_from_last_matches_uninterrupted_run(in_tmp):
+    _fit(in_tmp, "--trainer.max_epochs=3", name="straight")
+    _fit(in_tmp, "--trainer.max_epochs=1", name="resumed")
+    _fit(in_tmp, "--trainer.max_epochs=3", "--ckpt_path=last", name="resumed")
+    straight = _losses(in_tmp, "straight")
+    resumed = _losses(in_tmp, "resumed", version=1)
+    assert sorted(resumed) == [2, 3, 4, 5]  # 2 steps per epoch, epochs 1-2
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(straight[step], abs=1e-6), (step, loss, straight[step])
+
+
+def test_same_seed_same_numbers(in_tmp):
+    _fit(in_tmp, "--trainer.max_epochs=1", name="a")
+    _fit(in_tmp, "--trainer.max_epochs=1", name="b")
+    assert _losses(in_tmp, "a") == _losses(in_tmp, "b")
+
+
+def test_judge_failure_checkpoints_then_stops_with_one_line(in_tmp, capsys):
+    with pytest.raises(SystemExit) as info:
+        _fit(in_tmp, "--trainer.max_epochs=1", "--data.init_args.judge=helpers_for_tests.FailingJudge")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "ppg: error: judge server http://127.0.0.1:9/v1 unreachable after 3 tries" in err
+    assert (in_tmp / "runs" / "run" / "version_0" / "checkpoints" / "interrupted.ckpt").exists()
+
+
+@pytest.mark.parametrize("arg, needle", [
+    ("--model.lrr=0.1", "lrr"),
+    ("--model.baseline=median", "median"),
+    ("--data.init_args.batch_size=3", "batch_size"),
+])
+def test_bad_config_names_the_key(in_tmp, capsys, arg, needle):
+    with pytest.raises(SystemExit) as info:
+        _fit(in_tmp, "--trainer.max_epochs=1", arg)
+    assert info.value.code != 0
+    assert needle in capsys.readouterr().err
+
+
+def test_print_config_resolves_interpolation(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / "base.yaml"), "--print_config"])
+    out = capsys.readouterr().out
+    assert "save_last: true" in out and "name: ppg" in out
+    assert "class_path: ppg.subsets.KStepLookahead" in out
+
+
+def test_stacked_configs_and_overrides(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "policy" / "kstep.yaml"),
+              "--model.subset.init_args.k=3", "--print_config"])
+    out = capsys.readouterr().out
+    assert "k: 3" in out
+
+
+def test_ddp_on_cpu_two_processes(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    command = [sys.executable, "-m", "ppg.cli", "fit", *FAST, "--trainer.max_epochs=1",
+               "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
+               "--trainer.logger.init_args.name=ddp"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _rows(tmp_path / "runs" / "ddp" / "version_0" / "metrics.csv")
+    # 4 rollouts over 2 ranks -> 2 per rank -> 1 batch of 2 per rank -> 1 optimizer step.
+    assert max(int(r["step"]) for r in rows) <= 1
+    rewards = [float(r["policy/k2/reward_mean"]) for r in rows if r.get("policy/k2/reward_mean")]
+    assert len(rewards) == 1 and 0.0 <= rewards[0] <= 1.0
+    assert (tmp_path / "runs" / "ddp" / "checkpoints" / "last.ckpt").exists()
