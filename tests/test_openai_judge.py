@@ -255,6 +255,18 @@ def test_real_server_score_verdict(served):
         assert 0.0 <= value <= 1.0
 
 
+def test_openai_user_talks_to_the_real_server(served):
+    from ppg.problems.base import Context
+    from ppg.users import OpenAIUser
+
+    user = OpenAIUser(served["url"], served["model"], max_tokens=12, temperature=0.0, max_retries=1,
+                      backoff=0.01)
+    context = Context("c", "You are Ann.", "You are a curious person who asks questions.", "Hi!")
+    replies = user.respond([context, context], [[("user", "Hi!"), ("assistant", "Hello, I am Ann.")]] * 2, 0)
+    assert len(replies) == 2 and all(isinstance(r, str) and r for r in replies)
+    assert replies[0] == replies[1]  # temperature 0: same conversation, same reply
+
+
 def test_stopped_server_raises_judge_error(served):
     """Runs last in this module: it stops the shared server."""
     judge = OpenAIJudge(served["url"], served["model"], **FAST)
