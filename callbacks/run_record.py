@@ -32,13 +32,14 @@ class RunRecord(L.Callback):
     """
 
     def setup(self, trainer, pl_module, stage):
-        if trainer.global_rank != 0 or trainer.log_dir is None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if trainer.global_rank != 0 or log_dir is None:
             return
         record = {"stage": stage, "seed": os.environ.get("PL_GLOBAL_SEED"), "argv": sys.argv,
                   "python": platform.python_version(), "platform": platform.platform(),
                   "packages": package_versions(), "world_size": trainer.world_size}
-        Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
-        (Path(trainer.log_dir) / "run.json").write_text(json.dumps(record, indent=2))
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        (Path(log_dir) / "run.json").write_text(json.dumps(record, indent=2))
 
 
 class CheckpointOnException(L.Callback):
@@ -46,12 +47,20 @@ class CheckpointOnException(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         reason = str(exception).strip().splitlines()[0] if str(exception).strip() else type(exception).__name__
-        if getattr(pl_module, "policy", None) is None or trainer.log_dir is None:
+        # Not trainer.log_dir: it broadcasts, and other ranks may not be here.
+        log_dir = trainer.logger.log_dir if trainer.logger is not None else trainer.default_root_dir
+        if getattr(pl_module, "policy", None) is None or log_dir is None:
             print(f"ppg: stopped: {reason}", file=sys.stderr)
             return
-        path = Path(trainer.log_dir) / "checkpoints" / "interrupted.ckpt"
+        path = Path(log_dir) / "checkpoints" / "interrupted.ckpt"
         try:
-            trainer.save_checkpoint(path)
+            if trainer.world_size == 1:
+                trainer.save_checkpoint(path)
+            else:  # other ranks may not have failed: no collectives, one file per rank
+                path = path.with_name(f"interrupted-rank{trainer.global_rank}.ckpt")
+                checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
             saved = f"checkpoint saved to {path}"
         except Exception as error:  # the stop reason matters more than a failed save
             saved = f"checkpoint could not be saved ({type(error).__name__})"

@@ -32,9 +32,10 @@ class TranscriptLogger(L.Callback):
         self.samples = samples
 
     def _write(self, trainer, rollouts, stage: str):
-        if trainer.global_rank != 0 or not rollouts or trainer.log_dir is None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if trainer.global_rank != 0 or not rollouts or log_dir is None:
             return
-        folder = Path(trainer.log_dir) / "transcripts"
+        folder = Path(log_dir) / "transcripts"
         folder.mkdir(parents=True, exist_ok=True)
         chosen = rollouts[: self.samples]
         stem = f"{stage}_epoch{trainer.current_epoch:03d}"

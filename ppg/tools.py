@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ppg.generation import Sampling, generate_replies
+from ppg.judges.base import Judge
 from ppg.models import ModelSpec, as_spec, load_policy
 from ppg.problems.base import Problem
 from ppg.users import UserSimulator
@@ -56,7 +57,7 @@ def _load_adapters(policy, ckpt: str) -> None:
 
 
 def rollout(problem: Problem, out: str, model: ModelSpec | None = None, ckpt: str | None = None,
-            judge=None, user: UserSimulator | None = None, split: str = "train", contexts: int = 8,
+            judge: Judge | None = None, user: UserSimulator | None = None, split: str = "train", contexts: int = 8,
             group_size: int = 1, n_turns: int | None = None, sampling: Sampling | None = None,
             seed: int = 0) -> None:
     """Roll out a policy on a problem and write logged conversations (JSONL) with rewards.
