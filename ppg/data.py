@@ -47,7 +47,12 @@ def rollout_from_state(state: dict) -> Rollout:
     return Rollout(**state)
 
 
-class RolloutDataModule(L.LightningDataModule):
+class _RolloutBatchData(L.LightningDataModule):
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        return batch.to(device)
+
+
+class RolloutDataModule(_RolloutBatchData):
     """Generates ``rollouts_per_epoch`` fresh conversations each epoch with the current policy.
 
     ``group_size`` rollouts share each context (for the leave-one-out baseline). Under DDP every
@@ -139,7 +144,7 @@ class RolloutDataModule(L.LightningDataModule):
         rollouts = engine.run(shard, seed=self.seed + 7919 + self.trainer.global_rank,
                               first_group_id=first_group)
         self.last_eval_rollouts = rollouts
-        return self._batches(rollouts, self.batch_size // self.group_size * self.val_group_size or 1)
+        return self._batches(rollouts, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         return self._held_out() if self.val_contexts else []
@@ -158,7 +163,7 @@ class RolloutDataModule(L.LightningDataModule):
             self._epoch_rollouts = (state["epoch"], [rollout_from_state(r) for r in state["rollouts"]])
 
 
-class LoggedConversationDataModule(L.LightningDataModule):
+class LoggedConversationDataModule(_RolloutBatchData):
     """Offline training on logged conversations with stored per-turn rewards.
 
     The loss is the same reward-weighted log-likelihood on conversations the current policy did

@@ -72,9 +72,6 @@ class PartialPolicyGradientModule(L.LightningModule):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
-    def transfer_batch_to_device(self, batch, device, dataloader_idx: int = 0):
-        return batch.to(device) if isinstance(batch, RolloutBatch) else batch
-
     def turn_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """``[B, n]`` log-probabilities of each agent turn under the current policy."""
         return turn_logprobs(self.policy, batch, temperature=batch.temperature)

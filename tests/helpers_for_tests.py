@@ -9,3 +9,10 @@ class FailingJudge(Judge):
 
     def score(self, requests):
         raise JudgeError("judge server http://127.0.0.1:9/v1 unreachable after 3 tries")
+
+
+class LengthJudge(Judge):
+    """Reward = fraction of a 40-character line: varies between rollouts, so gradients are nonzero."""
+
+    def score(self, requests):
+        return [min(len(r.line) / 40, 1.0) for r in requests]

@@ -135,3 +135,19 @@ def test_ddp_on_cpu_two_processes(tmp_path):
     rewards = [float(r["policy/k2/reward_mean"]) for r in rows if r.get("policy/k2/reward_mean")]
     assert len(rewards) == 1 and 0.0 <= rewards[0] <= 1.0
     assert (tmp_path / "runs" / "ddp" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_kl_penalty_and_several_updates_per_batch(in_tmp):
+    _fit(in_tmp, "--trainer.max_epochs=1", "--model.kl_coef=0.1", "--model.updates_per_batch=2",
+         "--data.init_args.judge=helpers_for_tests.LengthJudge", "--model.lr=0.01", name="kl")
+    rows = _rows(in_tmp / "runs" / "kl" / "version_0" / "metrics.csv")
+    kls = [float(r["train/kl"]) for r in rows if r.get("train/kl")]
+    steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    # 2 batches x 2 updates; the KL to the base is exactly 0 before the first update (LoRA B = 0)
+    # and positive once the adapters have moved.
+    assert len(kls) == 2 and all(k >= 0 for k in kls) and kls[-1] > 0
+    assert max(steps) == 1  # the CSV counts batches
+    import torch
+
+    checkpoint = torch.load(in_tmp / "runs" / "kl" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 4  # optimizer steps
