@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
 from lightning.pytorch.cli import LightningCLI
 
-from ppg.data import RolloutDataModule
+from ppg.data import ConversationDataModule
 from ppg.judges.openai_compatible import JudgeError
 from ppg.module import PartialPolicyGradientModule
 
@@ -38,12 +39,13 @@ class PPGCLI(LightningCLI):
         omegaconf = {"parser_mode": "omegaconf"}
         super().__init__(
             PartialPolicyGradientModule,
-            RolloutDataModule,
+            ConversationDataModule,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={
                 "reload_dataloaders_every_n_epochs": 1,
                 "num_sanity_val_steps": 0,
+                "log_every_n_steps": 1,
                 "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                            "init_args": {"save_dir": "runs"}},
                 "callbacks": _always_on_callbacks(),
@@ -81,7 +83,39 @@ def run_tool(name: str, argv: list[str]) -> None:
     target, _ = TOOLS[name]
     module_name, function_name = target.split(":")
     function = getattr(importlib.import_module(module_name), function_name)
+    if "config" in inspect.signature(function).parameters:
+        _run_config_tool(name, function, argv)
+        return
     auto_cli(function, args=argv, parser_mode="omegaconf", as_positional=False)
+
+
+def _run_config_tool(name: str, function, argv: list[str]) -> None:
+    """Tools taking ``config: list[str]`` (compare, evaluate): ``--config`` stacks like in
+    ``ppg fit`` (``--config a.yaml --config b.yaml``) and ``--overrides --key=value`` repeats.
+
+    Not through ``auto_cli``: it reserves the name ``config`` for its own config-file option
+    and drops a function parameter of that name.
+    """
+    from jsonargparse import ArgumentParser
+
+    stacking = ("--config", "--overrides")
+    args, index = [], 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg in stacking and index + 1 < len(argv):  # the value may itself start with --
+            args.append(f"{arg}+={argv[index + 1]}")
+            index += 2
+            continue
+        for flag in stacking:
+            if arg.startswith(flag + "="):
+                arg = f"{flag}+={arg[len(flag) + 1:]}"
+        args.append(arg)
+        index += 1
+    parser = ArgumentParser(prog=f"ppg {name}", parser_mode="omegaconf",
+                            description=(inspect.getdoc(function) or "").split("\n\n")[0])
+    parser.add_function_arguments(function, as_group=False)
+    values = parser.instantiate(parser.parse_args(args))
+    function(**{key: values[key] for key in inspect.signature(function).parameters if key in values})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -47,12 +47,14 @@ def rollout_from_state(state: dict) -> Rollout:
     return Rollout(**state)
 
 
-class _RolloutBatchData(L.LightningDataModule):
+class ConversationDataModule(L.LightningDataModule):
+    """Base of ppg's DataModules: they serve ``RolloutBatch`` objects."""
+
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         return batch.to(device)
 
 
-class RolloutDataModule(_RolloutBatchData):
+class RolloutDataModule(ConversationDataModule):
     """Generates ``rollouts_per_epoch`` fresh conversations each epoch with the current policy.
 
     ``group_size`` rollouts share each context (for the leave-one-out baseline). Under DDP every
@@ -163,7 +165,7 @@ class RolloutDataModule(_RolloutBatchData):
             self._epoch_rollouts = (state["epoch"], [rollout_from_state(r) for r in state["rollouts"]])
 
 
-class LoggedConversationDataModule(_RolloutBatchData):
+class LoggedConversationDataModule(ConversationDataModule):
     """Offline training on logged conversations with stored per-turn rewards.
 
     The loss is the same reward-weighted log-likelihood on conversations the current policy did

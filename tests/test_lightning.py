@@ -151,3 +151,34 @@ def test_kl_penalty_and_several_updates_per_batch(in_tmp):
 
     checkpoint = torch.load(in_tmp / "runs" / "kl" / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 4  # optimizer steps
+
+
+def _logged(path, bad_line=False):
+    lines = []
+    for i in range(4):
+        record = {"context_id": f"c{i // 2}", "group_id": i // 2, "agent_system_prompt": "You are Ann.",
+                  "messages": [["user", "Hi!"], ["assistant", "Hello there." * (i + 1)], ["user", "How are you?"],
+                               ["assistant", "Fine."]],
+                  "rewards": [0.25 * i, 1.0 - 0.25 * i]}
+        lines.append(json.dumps(record))
+    if bad_line:
+        lines[2] = json.dumps({"messages": [["user", "Hi!"]], "rewards": [1.0]})
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_offline_fit_on_logged_conversations(in_tmp):
+    data = _logged(in_tmp / "logged.jsonl")
+    main(["fit", "--config", str(CONFIGS / "model" / "tiny-random.yaml"), "--data=ppg.data.LoggedConversationDataModule",
+          f"--data.path={data}", "--data.batch_size=2", "--trainer.max_epochs=1", "--trainer.logger.init_args.name=offline",
+          "--trainer.enable_progress_bar=false", "--model.subset=ppg.subsets.Greedy"])
+    losses = _losses(in_tmp, "offline")
+    assert sorted(losses) == [0, 1] and all(loss == loss for loss in losses.values())
+
+
+def test_malformed_logged_conversation_names_the_line(in_tmp, capsys):
+    data = _logged(in_tmp / "logged.jsonl", bad_line=True)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / "model" / "tiny-random.yaml"), "--data=ppg.data.LoggedConversationDataModule",
+              f"--data.path={data}", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"])
+    assert f"{data}:3: malformed conversation: missing key 'agent_system_prompt'" in capsys.readouterr().err

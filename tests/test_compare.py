@@ -1,0 +1,149 @@
+"""`ppg compare` and `ppg evaluate` end to end on the tiny random Llama."""
+
+import csv
+import math
+import struct
+from pathlib import Path
+
+import pytest
+
+import ppg.compare as compare_module
+from ppg.cli import main
+from ppg.compare import compare, mean_ci, parse_policies, subset_args
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIG = [str(CONFIGS / "experiment" / "smoke.yaml"), str(CONFIGS / "model" / "tiny-random.yaml")]
+FAST = [
+    "--data.init_args.rollouts_per_epoch=2", "--data.init_args.group_size=2",
+    "--data.init_args.batch_size=2", "--data.init_args.val_contexts=1",
+    "--data.init_args.sampling.max_new_tokens=3", "--data.init_args.progress=false",
+    "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+    "--trainer.max_epochs=1",
+]
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """One comparison (2 classes x 2 seeds, 1 epoch), shared by the tests below."""
+    out = tmp_path_factory.mktemp("compare") / "out"
+    calls = []
+    original = compare_module.train_run
+
+    def counting(*args, **kwargs):
+        calls.append(args[1:4])
+        return original(*args, **kwargs)
+
+    compare_module.train_run = counting
+    try:
+        # Through the command line: stacked --config, repeated --overrides.
+        main(["compare", "--config", CONFIG[0], "--config", CONFIG[1], "--policies", "greedy,full",
+              "--seeds", "2", "--out", str(out), *[arg for o in FAST for arg in ("--overrides", o)]])
+    finally:
+        compare_module.train_run = original
+    return out, calls
+
+
+def test_compare_writes_csv_with_intervals_and_a_png(compared):
+    out, calls = compared
+    assert [(label, seed) for label, _, seed in calls] == [("greedy", 0), ("greedy", 1), ("full", 0), ("full", 1)]
+    table = _rows(out / "comparison.csv")
+    assert [row["policy"] for row in table] == ["greedy", "full"]
+    for row in table:
+        assert row["seeds"] == "2"
+        for key in ("final_reward", "final_reward_turn0", "final_reward_turn2", "reward_auc",
+                    "grad_snr", "generated_tokens", "wall_s"):
+            for column in (key, f"{key}_ci95"):
+                assert math.isfinite(float(row[column])), (row["policy"], column, row[column])
+        assert 0.0 <= float(row["final_reward"]) <= 1.0
+        assert float(row["generated_tokens"]) > 0 and float(row["wall_s"]) > 0
+    assert len(_rows(out / "comparison_runs.csv")) == 4
+    width, height = _png_size(out / "comparison.png")
+    assert width >= 600 and height >= 300 and (out / "comparison.png").stat().st_size > 10_000
+    # Each run trained its own class, with its seed, into its own folder.
+    config = (out / "runs" / "full_seed1" / "version_0" / "config.yaml").read_text()
+    assert "ppg.subsets.FullPlanning" in config and "seed_everything: 1" in config
+
+
+def test_rerun_skips_finished_runs_and_trains_only_missing(compared, monkeypatch, capsys):
+    out, _ = compared
+    markers = sorted((out / "runs").glob("*/summary.json"))
+    assert len(markers) == 4
+    stamps = {m: m.stat().st_mtime_ns for m in markers}
+    trained = []
+
+    def fake_train(config, label, subset, seed, save_dir, overrides=None):
+        trained.append((label, seed))
+        done = compare_module.json.loads((out / "runs" / f"full_seed{seed}" / "summary.json").read_text())
+        return {**done, "policy": label, "subset": subset.name}
+
+    monkeypatch.setattr(compare_module, "train_run", fake_train)
+    # greedy and full are done: nothing is trained; k3 is new: only its two seeds are.
+    compare(CONFIG, policies="greedy,full,k3", seeds=2, out=str(out), overrides=FAST)
+    assert trained == [("k3", 0), ("k3", 1)]
+    assert {m: m.stat().st_mtime_ns for m in markers} == stamps
+    assert "already done" in capsys.readouterr().out
+    assert [row["policy"] for row in _rows(out / "comparison.csv")] == ["greedy", "full", "k3"]
+
+    # Other overrides than the finished runs were trained with: refuse rather than mix them.
+    with pytest.raises(ValueError, match="other configs or overrides"):
+        compare(CONFIG, policies="greedy", seeds=1, out=str(out), overrides=[*FAST, "--model.lr=0.1"])
+
+
+def test_unknown_policy_is_a_one_line_error_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compare_module, "train_run", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as info:
+        main(["compare", "--config", CONFIG[0], "--policies", "greedy,k2,bogus",
+              "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ppg: error: unknown policy 'bogus'; valid forms:") and "\n" not in err
+    assert "k<K>" in err and "segment<L>" in err
+    assert not (tmp_path / "out" / "runs").exists() or not any((tmp_path / "out" / "runs").iterdir())
+
+
+def test_policy_names_map_to_class_paths():
+    parsed = dict(parse_policies("Greedy, k3 ,segment2,full,discounted0.9"))
+    assert subset_args(parsed["greedy"]) == ["--model.subset=ppg.subsets.Greedy"]
+    assert subset_args(parsed["k3"]) == ["--model.subset=ppg.subsets.KStepLookahead",
+                                          "--model.subset.init_args.k=3"]
+    assert subset_args(parsed["segment2"]) == ["--model.subset=ppg.subsets.Segment",
+                                                "--model.subset.init_args.length=2"]
+    # A bare `segment` takes the configured problem's block length.
+    block = [str(CONFIGS / "base.yaml"), str(CONFIGS / "problem" / "block_structured.yaml")]
+    assert [label for label, _ in parse_policies("segment", block)] == ["segment3"]
+    with pytest.raises(ValueError, match="segment<L>"):
+        parse_policies("segment", [str(CONFIGS / "base.yaml")])
+    with pytest.raises(ValueError, match="twice"):
+        parse_policies("k2,k2")
+
+
+def test_mean_ci_is_a_t_interval():
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    assert math.isnan(mean_ci([0.5])[1])
+
+
+def test_evaluate_trained_vs_base(compared, tmp_path, capsys):
+    out, _ = compared
+    run = out / "runs" / "full_seed0"
+    main(["evaluate", "--config", CONFIG[0], "--config", CONFIG[1], "--ckpt", str(run),
+          "--out", str(tmp_path / "eval"), "--contexts", "2",
+          "--overrides", "--data.init_args.sampling.max_new_tokens=3",
+          "--overrides=--data.init_args.progress=false", "--overrides", "--trainer.enable_progress_bar=false"])
+    table = {row["model"]: row for row in _rows(tmp_path / "eval" / "evaluation.csv")}
+    assert set(table) == {"trained", "base", "trained - base"}
+    assert all(math.isfinite(float(table["base"][f"reward_turn{t}"])) for t in range(3))
+    assert "**agent** (turn 2" in (tmp_path / "eval" / "transcripts_trained.md").read_text()
+    assert len((tmp_path / "eval" / "transcripts_base.jsonl").read_text().splitlines()) == 2
+    assert "trained - base" in capsys.readouterr().out
