@@ -26,7 +26,7 @@ class Sampling:
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack ragged token lists into left-padded ``input_ids`` and ``attention_mask``."""
-    width = max(len(s) for s in sequences)
+    width = max((len(s) for s in sequences), default=0)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
@@ -46,26 +46,62 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def _generate_kwargs(tokenizer, sampling: Sampling) -> dict:
+    return dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
+                max_new_tokens=sampling.max_new_tokens, eos_token_id=stop_token_ids(tokenizer),
+                pad_token_id=tokenizer.pad_token_id)
+
+
+def _cut_after_stop(new_tokens: torch.Tensor, stops: list[int]) -> tuple[list[list[int]], torch.Tensor]:
+    """Each row's tokens up to and including its first stop token, and the mask of those tokens."""
+    is_stop = torch.isin(new_tokens, torch.tensor(stops, device=new_tokens.device))
+    after_stop = (is_stop.long().cumsum(-1) - is_stop.long()) > 0
+    keep = ~after_stop
+    rows = [row[: int(k.sum())] for row, k in zip(new_tokens.tolist(), keep)]
+    return rows, keep.long()
+
+
 @torch.no_grad()
 def sample_continuations(model, tokenizer, prompts: list[list[int]], sampling: Sampling) -> list[list[int]]:
     """Sample one continuation per prompt; each is cut after its first stop token."""
     if not prompts:
         return []
-    stops = stop_token_ids(tokenizer)
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
     device = next(model.parameters()).device
-    output = model.generate(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-        do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
-        max_new_tokens=sampling.max_new_tokens, eos_token_id=stops,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    new_tokens = output[:, input_ids.shape[1]:].tolist()
-    continuations = []
-    for tokens in new_tokens:
-        cut = next((i + 1 for i, tok in enumerate(tokens) if tok in stops), len(tokens))
-        continuations.append(tokens[:cut])
-    return continuations
+    output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                            **_generate_kwargs(tokenizer, sampling))
+    return _cut_after_stop(output[:, input_ids.shape[1]:], stop_token_ids(tokenizer))[0]
+
+
+class TurnByTurnSampler:
+    """Samples turn after turn for a fixed batch of conversations, keeping the KV cache.
+
+    Each call appends every row's new tokens (what was said since its last turn; empty for rows
+    that are done) and samples the next turn. Only the new tokens are encoded: the history's keys
+    and values stay in the cache. Rows are padded into blocks, so a row's sequence can hold
+    masked holes; positions come from the attention mask, so the model sees the same positions
+    as for the unpadded conversation.
+    """
+
+    def __init__(self, model, tokenizer, sampling: Sampling):
+        self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
+        self.stops = stop_token_ids(tokenizer)
+        self.device = next(model.parameters()).device
+        self.ids = self.mask = self.cache = None
+
+    @torch.no_grad()
+    def sample(self, additions: list[list[int]]) -> list[list[int]]:
+        block, block_mask = left_pad(additions, self.tokenizer.pad_token_id)
+        block, block_mask = block.to(self.device), block_mask.to(self.device)
+        ids = block if self.ids is None else torch.cat([self.ids, block], dim=1)
+        mask = block_mask if self.mask is None else torch.cat([self.mask, block_mask], dim=1)
+        output = self.model.generate(input_ids=ids, attention_mask=mask, past_key_values=self.cache,
+                                     return_dict_in_generate=True,
+                                     **_generate_kwargs(self.tokenizer, self.sampling))
+        rows, new_mask = _cut_after_stop(output.sequences[:, ids.shape[1]:], self.stops)
+        self.ids, self.mask = output.sequences, torch.cat([mask, new_mask], dim=1)
+        self.cache = output.past_key_values
+        return rows
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ppg.generation import Sampling, left_pad, sample_continuations, stop_token_ids
+from ppg.generation import Sampling, TurnByTurnSampler, left_pad, sample_continuations, stop_token_ids
 from ppg.judges.base import Judge, JudgeRequest
 from ppg.problems.base import Context
 from ppg.users import ScriptedUser, UserSimulator
@@ -175,12 +175,15 @@ class RolloutEngine:
     """Plays ``n_turns`` agent turns for a batch of contexts (``group_size`` rollouts each).
 
     All live conversations generate together each turn; conversations whose user ended them, or
-    that would exceed ``max_context_tokens``, drop out and their later turns are masked.
+    that would exceed ``max_context_tokens``, drop out and their later turns are masked. With
+    ``reuse_cache`` the agent's KV cache is kept from turn to turn, so each turn encodes only the
+    new user reply instead of the whole history.
     """
 
     def __init__(self, policy, tokenizer, judge: Judge, user: UserSimulator | None = None,
                  n_turns: int = 4, sampling: Sampling | None = None, group_size: int = 4,
-                 batch_size: int = 32, max_context_tokens: int = 2048, progress: bool = True):
+                 batch_size: int = 32, max_context_tokens: int = 2048, progress: bool = True,
+                 reuse_cache: bool = True):
         if n_turns < 1:
             raise ValueError(f"n_turns must be >= 1, got {n_turns}")
         if group_size < 1:
@@ -191,7 +194,7 @@ class RolloutEngine:
         self.n_turns, self.group_size, self.batch_size = n_turns, group_size, batch_size
         self.sampling = sampling or Sampling()
         self.max_context_tokens = max_context_tokens
-        self.progress = progress
+        self.progress, self.reuse_cache = progress, reuse_cache
         self.segments = ChatTemplateSegments(tokenizer)
         self.stats = RolloutStats()
 
@@ -223,6 +226,8 @@ class RolloutEngine:
             state.action_turn = [-1] * len(state.token_ids)
         live = list(range(len(states)))
         stops = set(stop_token_ids(self.tokenizer))
+        sampler = TurnByTurnSampler(self.policy, self.tokenizer, self.sampling) if self.reuse_cache else None
+        additions = {i: state.token_ids for i, state in enumerate(states)}
         for turn in range(n):
             live = [i for i in live if len(states[i].token_ids) + self.sampling.max_new_tokens
                     <= self.max_context_tokens]
@@ -230,8 +235,13 @@ class RolloutEngine:
                 bar.update(n - turn)
                 break
             started = time.perf_counter()
-            actions = sample_continuations(self.policy, self.tokenizer,
-                                           [states[i].token_ids for i in live], self.sampling)
+            if sampler is not None:
+                sampled = sampler.sample([additions.get(i, []) for i in range(len(states))])
+                actions = [sampled[i] for i in live]
+            else:
+                actions = sample_continuations(self.policy, self.tokenizer,
+                                               [states[i].token_ids for i in live], self.sampling)
+            additions = {}
             self.stats.agent_seconds += time.perf_counter() - started
             self.stats.agent_tokens += sum(len(a) for a in actions)
             requests = []
@@ -263,6 +273,7 @@ class RolloutEngine:
                 piece = self.segments.after_agent(reply, stop_text)
                 state.token_ids = state.token_ids + piece
                 state.action_turn = state.action_turn + [-1] * len(piece)
+                additions[i] = piece
                 if reply is not None:
                     self.stats.user_tokens += len(self.tokenizer(reply, add_special_tokens=False)["input_ids"])
                     state.messages.append(("user", reply))

@@ -123,3 +123,17 @@ def test_out_of_range_judge_reward_is_an_error(tiny_policy):
     engine.judge.score = lambda requests: [1.5] * len(requests)
     with pytest.raises(ValueError, match="returned reward 1.5, outside"):
         engine.run(_contexts(1), seed=0)
+
+
+def test_kv_cache_reuse_between_turns_gives_the_same_conversations(tiny_policy):
+    """Near-greedy sampling: keeping the cache must not change what the model says."""
+    contexts = [Context(f"c{i}", "You are Ann.", "u", "Hi!" + " really" * i, [],
+                        ["Nice.", "Where do you live?" * (i + 1), "Bye!"]) for i in range(3)]
+    texts = {}
+    for reuse in (False, True):
+        engine = _engine(tiny_policy, n_turns=4, group_size=2, max_new_tokens=8)
+        engine.reuse_cache = reuse
+        engine.sampling = Sampling(temperature=1e-4, max_new_tokens=8)
+        rollouts = engine.run(contexts, seed=0)
+        texts[reuse] = [(r.agent_texts, r.token_ids) for r in rollouts]
+    assert texts[True] == texts[False]
