@@ -8,10 +8,10 @@ import torch
 from ppg.models import ModelSpec, as_spec, load_policy
 from ppg.objective import (
     BASELINES,
+    advantage_weighted_loss,
     clipped_partial_pg_loss,
     kl_penalty,
     partial_advantages,
-    partial_pg_loss,
 )
 from ppg.rollout import RolloutBatch, turn_logprobs
 from ppg.subsets import FullPlanning, RewardSubset
@@ -35,18 +35,22 @@ class PartialPolicyGradientModule(L.LightningModule):
         updates_per_batch: optimizer steps per rollout batch; above 1 the ratio is clipped.
         clip_eps: ratio clipping range when ``updates_per_batch > 1``.
         grad_clip: gradient norm clipping (0 = off).
+        micro_batch_size: rollouts per forward/backward pass (gradients accumulate over the
+            batch; baselines still use the whole batch); bounds activation memory. None = all.
     """
 
     def __init__(self, model: ModelSpec | None = None, subset: RewardSubset | None = None,
                  baseline: str = "leave_one_out", lr: float = 1e-4, weight_decay: float = 0.0,
                  kl_coef: float = 0.0, kl_estimator: str = "k3", updates_per_batch: int = 1,
-                 clip_eps: float = 0.2, grad_clip: float = 1.0):
+                 clip_eps: float = 0.2, grad_clip: float = 1.0, micro_batch_size: int | None = None):
         super().__init__()
         if baseline not in BASELINES:
             raise ValueError(f"model.baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
         for key, value in (("lr", lr), ("updates_per_batch", updates_per_batch)):
             if not value > 0:
                 raise ValueError(f"model.{key} must be > 0, got {value}")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"model.micro_batch_size must be >= 1, got {micro_batch_size}")
         if kl_coef < 0:
             raise ValueError(f"model.kl_coef must be >= 0, got {kl_coef}")
         self.spec = as_spec(model)
@@ -54,6 +58,7 @@ class PartialPolicyGradientModule(L.LightningModule):
         self.baseline, self.lr, self.weight_decay = baseline, lr, weight_decay
         self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
         self.updates_per_batch, self.clip_eps, self.grad_clip = updates_per_batch, clip_eps, grad_clip
+        self.micro_batch_size = micro_batch_size
         self.policy = None
         self.tokenizer = None
         self.automatic_optimization = False
@@ -81,43 +86,58 @@ class PartialPolicyGradientModule(L.LightningModule):
         return partial_advantages(batch.rewards, subset or self.subset, self.baseline,
                                   batch.group_ids, batch.turn_mask)
 
-    def _loss(self, batch: RolloutBatch, old_logprobs: torch.Tensor | None):
-        logprobs = self.turn_logprobs(batch)
-        if old_logprobs is None:
-            loss = partial_pg_loss(logprobs, batch.rewards, self.subset, self.baseline,
-                                   batch.group_ids, batch.turn_mask)
-        else:
-            loss = clipped_partial_pg_loss(logprobs, old_logprobs, self.advantages(batch),
-                                           self.clip_eps, batch.turn_mask)
-        kl = None
-        if self.kl_coef > 0:
-            with torch.no_grad(), self.policy.disable_adapter():
-                reference = self.turn_logprobs(batch)
-            kl = kl_penalty(logprobs, reference, batch.turn_mask, self.kl_estimator)
-            loss = loss + self.kl_coef * kl
-        return loss, logprobs, kl
+    def _micro_batches(self, size: int) -> list[list[int]]:
+        step = self.micro_batch_size or size
+        return [list(range(start, min(start + step, size))) for start in range(0, size, step)]
+
+    def _backward_pass(self, batch: RolloutBatch, advantages: torch.Tensor,
+                       old_logprobs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Accumulate the batch's gradient micro-batch by micro-batch; returns loss, log-probs, KL."""
+        size = batch.rewards.shape[0]
+        total = torch.zeros((), device=self.device)
+        kl_total = torch.zeros((), device=self.device) if self.kl_coef > 0 else None
+        logprobs_all = torch.zeros_like(batch.rewards)
+        for rows in self._micro_batches(size):
+            part = batch.select(rows)
+            share = len(rows) / size
+            logprobs = self.turn_logprobs(part)
+            if old_logprobs is None:
+                loss = advantage_weighted_loss(logprobs, advantages[rows], part.turn_mask)
+            else:
+                loss = clipped_partial_pg_loss(logprobs, old_logprobs[rows], advantages[rows],
+                                               self.clip_eps, part.turn_mask)
+            if self.kl_coef > 0:
+                with torch.no_grad(), self.policy.disable_adapter():
+                    reference = self.turn_logprobs(part)
+                kl = kl_penalty(logprobs, reference, part.turn_mask, self.kl_estimator)
+                loss = loss + self.kl_coef * kl
+                kl_total += kl.detach() * share
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"loss is {loss.item()} at step {self.global_step}")
+            self.manual_backward(loss * share)
+            total += loss.detach() * share
+            logprobs_all[rows] = logprobs.detach()
+        return total, logprobs_all, kl_total
 
     def training_step(self, batch: RolloutBatch, batch_idx: int):
         optimizer = self.optimizers()
+        advantages = self.advantages(batch)
         old_logprobs = None
-        for update in range(self.updates_per_batch):
-            loss, logprobs, kl = self._loss(batch, old_logprobs)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss is {loss.item()} at step {self.global_step}")
+        for _ in range(self.updates_per_batch):
             optimizer.zero_grad()
-            self.manual_backward(loss)
+            loss, logprobs, kl = self._backward_pass(batch, advantages, old_logprobs)
             if self.grad_clip > 0:
                 self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip,
                                     gradient_clip_algorithm="norm")
             optimizer.step()
             if self.updates_per_batch > 1 and old_logprobs is None:
-                old_logprobs = logprobs.detach()
+                old_logprobs = logprobs
         size = batch.rewards.shape[0]
-        self.log(f"policy/{self.policy_name}/loss", loss.detach(), batch_size=size, sync_dist=True)
-        self.log("train/loss", loss.detach(), batch_size=size, sync_dist=True, prog_bar=True)
+        self.log(f"policy/{self.policy_name}/loss", loss, batch_size=size, sync_dist=True)
+        self.log("train/loss", loss, batch_size=size, sync_dist=True, prog_bar=True)
         if kl is not None:
-            self.log("train/kl", kl.detach(), batch_size=size, sync_dist=True)
-        return loss.detach()
+            self.log("train/kl", kl, batch_size=size, sync_dist=True)
+        return loss
 
     def validation_step(self, batch: RolloutBatch, batch_idx: int):
         self._log_rewards("val", batch)

@@ -17,6 +17,7 @@ from ppg.subsets import RewardSubset
 __all__ = [
     "BASELINES",
     "KL_ESTIMATORS",
+    "advantage_weighted_loss",
     "clipped_partial_pg_loss",
     "kl_penalty",
     "partial_advantages",
@@ -132,6 +133,23 @@ def partial_pg_loss(
     _check_same_shape("rewards", rewards, "turn_logprobs", turn_logprobs)
     adv = partial_advantages(rewards, subset, baseline, group_ids, turn_mask)
     return _weighted_logprob_loss(turn_logprobs, adv, _as_mask(turn_mask, rewards, "rewards"))
+
+
+def advantage_weighted_loss(
+    turn_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    turn_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``-(1/B) Σ_b Σ_t A[b, t] · turn_logprobs[b, t]`` for precomputed ``advantages``.
+
+    Equals :func:`partial_pg_loss` when ``advantages`` come from :func:`partial_advantages` on
+    the same batch; lets a large batch be split into micro-batches after the baselines were
+    computed over all of it (scale each part by its share of the rows).
+    """
+    _check_2d("turn_logprobs", turn_logprobs)
+    _check_2d("advantages", advantages)
+    _check_same_shape("advantages", advantages, "turn_logprobs", turn_logprobs)
+    return _weighted_logprob_loss(turn_logprobs, advantages.detach(), _as_mask(turn_mask, turn_logprobs, "turn_logprobs"))
 
 
 def _weighted_logprob_loss(logprobs, adv, mask) -> torch.Tensor:

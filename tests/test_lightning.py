@@ -124,7 +124,7 @@ def test_stacked_configs_and_overrides(capsys):
 
 def test_ddp_on_cpu_two_processes(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    command = [sys.executable, "-m", "ppg.cli", "fit", *FAST, "--trainer.max_epochs=1",
+    command = [sys.executable, "-m", "ppg.cli", "fit", *FAST, "--trainer.max_epochs=1", "--model.micro_batch_size=1",
                "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
                "--trainer.logger.init_args.name=ddp"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -182,3 +182,19 @@ def test_malformed_logged_conversation_names_the_line(in_tmp, capsys):
         main(["fit", "--config", str(CONFIGS / "model" / "tiny-random.yaml"), "--data=ppg.data.LoggedConversationDataModule",
               f"--data.path={data}", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"])
     assert f"{data}:3: malformed conversation: missing key 'agent_system_prompt'" in capsys.readouterr().err
+
+
+def test_micro_batches_give_the_same_training(in_tmp):
+    import torch
+
+    _fit(in_tmp, "--trainer.max_epochs=1", "--data.init_args.judge=helpers_for_tests.LengthJudge", name="whole")
+    _fit(in_tmp, "--trainer.max_epochs=1", "--data.init_args.judge=helpers_for_tests.LengthJudge",
+         "--model.micro_batch_size=1", name="micro")
+    whole, micro = _losses(in_tmp, "whole"), _losses(in_tmp, "micro")
+    assert sorted(whole) == sorted(micro) == [0, 1]
+    for step in whole:
+        assert micro[step] == pytest.approx(whole[step], abs=1e-5)
+    weights = [torch.load(in_tmp / "runs" / name / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+               for name in ("whole", "micro")]
+    for key, value in weights[0].items():
+        assert torch.allclose(value, weights[1][key], atol=1e-6), key
