@@ -36,6 +36,7 @@ import shutil
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -248,7 +249,9 @@ def _run_cli(args: list[str]):
     saved = sys.argv
     sys.argv = ["ppg", *args]
     try:
-        return PPGCLI(args=args)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            return PPGCLI(args=args)
     finally:
         sys.argv = saved
 

@@ -224,65 +224,74 @@ class RolloutEngine:
         for state in states:
             state.token_ids = self.segments.opening(state.context)
             state.action_turn = [-1] * len(state.token_ids)
-        live = list(range(len(states)))
-        stops = set(stop_token_ids(self.tokenizer))
         sampler = TurnByTurnSampler(self.policy, self.tokenizer, self.sampling) if self.reuse_cache else None
         additions = {i: state.token_ids for i, state in enumerate(states)}
+        live = list(range(len(states)))
         for turn in range(n):
             live = [i for i in live if len(states[i].token_ids) + self.sampling.max_new_tokens
                     <= self.max_context_tokens]
             if not live:
                 bar.update(n - turn)
                 break
-            started = time.perf_counter()
-            if sampler is not None:
-                sampled = sampler.sample([additions.get(i, []) for i in range(len(states))])
-                actions = [sampled[i] for i in live]
-            else:
-                actions = sample_continuations(self.policy, self.tokenizer,
-                                               [states[i].token_ids for i in live], self.sampling)
-            additions = {}
-            self.stats.agent_seconds += time.perf_counter() - started
-            self.stats.agent_tokens += sum(len(a) for a in actions)
-            requests = []
-            for i, tokens in zip(live, actions):
-                state = states[i]
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-                requests.append(JudgeRequest(state.context, list(state.messages), text, turn))
-                state.token_ids = state.token_ids + tokens
-                state.action_turn = state.action_turn + [turn] * len(tokens)
-                state.messages.append(("assistant", text))
-                state.turn_mask[turn] = True
-            started = time.perf_counter()
-            scores = self.judge.score(requests)
-            self.stats.judge_seconds += time.perf_counter() - started
-            for i, score in zip(live, scores):
-                if not 0.0 <= float(score) <= 1.0:
-                    raise ValueError(f"{type(self.judge).__name__} returned reward {score}, outside [0, 1]")
-                states[i].rewards[turn] = float(score)
-            replies = [None] * len(live)
-            if turn < n - 1:
-                started = time.perf_counter()
-                replies = self.user.respond([states[i].context for i in live],
-                                            [states[i].messages for i in live], turn)
-                self.stats.user_seconds += time.perf_counter() - started
-            still_live = []
-            for i, tokens, reply in zip(live, actions, replies):
-                state = states[i]
-                stop_text = self.tokenizer.decode(tokens[-1:]) if tokens and tokens[-1] in stops else None
-                piece = self.segments.after_agent(reply, stop_text)
-                state.token_ids = state.token_ids + piece
-                state.action_turn = state.action_turn + [-1] * len(piece)
-                additions[i] = piece
-                if reply is not None:
-                    self.stats.user_tokens += len(self.tokenizer(reply, add_special_tokens=False)["input_ids"])
-                    state.messages.append(("user", reply))
-                    still_live.append(i)
-            live = still_live
+            actions = self._agent_turn(states, live, turn, additions, sampler)
+            self._score(states, live, turn)
+            replies = self._user_turn(states, live, turn) if turn < n - 1 else [None] * len(live)
+            additions = self._close_turn(states, live, actions, replies)
+            live = [i for i, reply in zip(live, replies) if reply is not None]
             bar.update(1)
         return states
 
+    def _agent_turn(self, states, live, turn: int, additions, sampler) -> list[list[int]]:
+        """Sample the agent's tokens for the live conversations and record them."""
+        started = time.perf_counter()
+        if sampler is not None:
+            sampled = sampler.sample([additions.get(i, []) for i in range(len(states))])
+            actions = [sampled[i] for i in live]
+        else:
+            actions = sample_continuations(self.policy, self.tokenizer,
+                                           [states[i].token_ids for i in live], self.sampling)
+        self.stats.agent_seconds += time.perf_counter() - started
+        self.stats.agent_tokens += sum(len(a) for a in actions)
+        for i, tokens in zip(live, actions):
+            state = states[i]
+            state.token_ids = state.token_ids + tokens
+            state.action_turn = state.action_turn + [turn] * len(tokens)
+            state.messages.append(("assistant", self.tokenizer.decode(tokens, skip_special_tokens=True).strip()))
+            state.turn_mask[turn] = True
+        return actions
 
+    def _score(self, states, live, turn: int) -> None:
+        requests = [JudgeRequest(states[i].context, states[i].messages[:-1], states[i].messages[-1][1], turn)
+                    for i in live]
+        started = time.perf_counter()
+        scores = self.judge.score(requests)
+        self.stats.judge_seconds += time.perf_counter() - started
+        for i, score in zip(live, scores):
+            if not 0.0 <= float(score) <= 1.0:
+                raise ValueError(f"{type(self.judge).__name__} returned reward {score}, outside [0, 1]")
+            states[i].rewards[turn] = float(score)
+
+    def _user_turn(self, states, live, turn: int) -> list[str | None]:
+        started = time.perf_counter()
+        replies = self.user.respond([states[i].context for i in live], [states[i].messages for i in live], turn)
+        self.stats.user_seconds += time.perf_counter() - started
+        return replies
+
+    def _close_turn(self, states, live, actions, replies) -> dict[int, list[int]]:
+        """Append each turn's closing and the user's reply; returns the tokens added per row."""
+        stops = set(stop_token_ids(self.tokenizer))
+        additions = {}
+        for i, tokens, reply in zip(live, actions, replies):
+            state = states[i]
+            stop_text = self.tokenizer.decode(tokens[-1:]) if tokens and tokens[-1] in stops else None
+            piece = self.segments.after_agent(reply, stop_text)
+            state.token_ids = state.token_ids + piece
+            state.action_turn = state.action_turn + [-1] * len(piece)
+            additions[i] = piece
+            if reply is not None:
+                self.stats.user_tokens += len(self.segments.encode(reply))
+                state.messages.append(("user", reply))
+        return additions
 
 def rollout_from_messages(tokenizer, context: Context, messages: list[tuple[str, str]],
                           rewards: list[float], turn_mask: list[bool] | None = None,
