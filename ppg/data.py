@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -28,7 +29,7 @@ class RolloutBatches(IterableDataset):
         self.pad_id, self.temperature = pad_id, temperature
 
     def __len__(self) -> int:
-        return -(-len(self.rollouts) // self.batch_size)
+        return math.ceil(len(self.rollouts) / self.batch_size)
 
     def __iter__(self):
         for start in range(0, len(self.rollouts), self.batch_size):

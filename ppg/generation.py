@@ -47,9 +47,9 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 def _generate_kwargs(tokenizer, sampling: Sampling) -> dict:
-    return dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
-                max_new_tokens=sampling.max_new_tokens, eos_token_id=stop_token_ids(tokenizer),
-                pad_token_id=tokenizer.pad_token_id)
+    return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
+            "top_k": 0, "max_new_tokens": sampling.max_new_tokens,
+            "eos_token_id": stop_token_ids(tokenizer), "pad_token_id": tokenizer.pad_token_id}
 
 
 def _cut_after_stop(new_tokens: torch.Tensor, stops: list[int]) -> tuple[list[list[int]], torch.Tensor]:

@@ -51,7 +51,7 @@ def as_spec(spec: ModelSpec | dict | None) -> ModelSpec:
     lora = spec.pop("lora", None)
     unknown = set(spec) - set(ModelSpec.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"unknown model spec key {sorted(unknown)[0]!r}")
+        raise ValueError(f"unknown model spec key {min(unknown)!r}")
     return ModelSpec(**spec, lora=LoraSpec(**lora) if isinstance(lora, dict) else (lora or LoraSpec()))
 
 

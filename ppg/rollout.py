@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ppg.generation import Sampling, TurnByTurnSampler, left_pad, sample_continuations, stop_token_ids
+from ppg.generation import (
+    Sampling,
+    TurnByTurnSampler,
+    left_pad,
+    sample_continuations,
+    stop_token_ids,
+)
 from ppg.judges.base import Judge, JudgeRequest
 from ppg.problems.base import Context
 from ppg.users import ScriptedUser, UserSimulator
@@ -130,7 +136,9 @@ class RolloutStats:
     judge_seconds: float = 0.0
 
     def tokens_per_s(self) -> dict[str, float]:
-        rate = lambda tokens, secs: tokens / secs if secs > 0 else 0.0  # noqa: E731
+        def rate(tokens: int, seconds: float) -> float:
+            return tokens / seconds if seconds > 0 else 0.0
+
         return {"agent": rate(self.agent_tokens, self.agent_seconds),
                 "user": rate(self.user_tokens, self.user_seconds),
                 "total": rate(self.agent_tokens + self.user_tokens,

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -127,7 +128,8 @@ def test_ddp_on_cpu_two_processes(tmp_path):
     command = [sys.executable, "-m", "ppg.cli", "fit", *FAST, "--trainer.max_epochs=1", "--model.micro_batch_size=1",
                "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
                "--trainer.logger.init_args.name=ddp"]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                            check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _rows(tmp_path / "runs" / "ddp" / "version_0" / "metrics.csv")
     # 4 rollouts over 2 ranks -> 2 per rank -> 1 batch of 2 per rank -> 1 optimizer step.
@@ -173,7 +175,7 @@ def test_offline_fit_on_logged_conversations(in_tmp):
           f"--data.path={data}", "--data.batch_size=2", "--trainer.max_epochs=1", "--trainer.logger.init_args.name=offline",
           "--trainer.enable_progress_bar=false", "--model.subset=ppg.subsets.Greedy"])
     losses = _losses(in_tmp, "offline")
-    assert sorted(losses) == [0, 1] and all(loss == loss for loss in losses.values())
+    assert sorted(losses) == [0, 1] and all(math.isfinite(loss) for loss in losses.values())
 
 
 def test_malformed_logged_conversation_names_the_line(in_tmp, capsys):

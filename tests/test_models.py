@@ -80,8 +80,9 @@ def test_cli_reports_bad_model_in_one_line(capsys):
         main(["chat", "--model.name_or_path=embedded:nope"])
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["ppg: error: unknown model name 'embedded:nope'; embedded models: "
-                   "embedded:smollm2-135m-instruct, embedded:tiny-random-llama"]
+    expected = ("ppg: error: unknown model name 'embedded:nope'; embedded models: "
+                "embedded:smollm2-135m-instruct, embedded:tiny-random-llama")
+    assert err == [expected]
 
 
 def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, monkeypatch):

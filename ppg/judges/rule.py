@@ -17,7 +17,7 @@ def import_callable(dotted: str) -> Callable:
     except (ImportError, AttributeError, ValueError):
         raise ValueError(f"function {dotted!r} cannot be imported (expected 'module.function')") from None
     if not callable(target):
-        raise ValueError(f"function {dotted!r} is not callable")
+        raise TypeError(f"function {dotted!r} is not callable")
     return target
 
 
