@@ -233,10 +233,14 @@ def summarize_metrics(metrics_csv: Path, name: str) -> dict:
 
 
 def _fingerprint(config: list[str], overrides: list[str]) -> str:
+    """What the runs were trained with: the configs' parsed content (comments do not count)
+    and the overrides."""
+    import yaml
+
     digest = hashlib.sha256()
     for path in config:
-        digest.update(Path(path).read_bytes())
-        digest.update(b"\x00")
+        content = yaml.safe_load(Path(path).read_text())
+        digest.update(json.dumps(content, sort_keys=True, default=str).encode() + b"\x00")
     for arg in overrides:
         digest.update(arg.encode() + b"\x00")
     return digest.hexdigest()[:16]
@@ -365,6 +369,7 @@ def plot_comparison(summaries: list[dict], rows: list[dict], path: Path) -> None
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     labels = [row["policy"] for row in rows]
     colors = {label: f"C{i}" for i, label in enumerate(labels)}
@@ -384,9 +389,11 @@ def plot_comparison(summaries: list[dict], rows: list[dict], path: Path) -> None
                 curves.fill_between(epochs, [m - (h if math.isfinite(h) else 0) for m, h in stats],
                                     [m + (h if math.isfinite(h) else 0) for m, h in stats],
                                     color=colors[label], alpha=0.2, linewidth=0)
+    seeds = max(row["seeds"] for row in rows)
+    curves.xaxis.set_major_locator(MaxNLocator(integer=True))
     curves.set_xlabel("epoch")
     curves.set_ylabel("mean reward per turn")
-    curves.set_title("learning curves (band: 95% interval over seeds)")
+    curves.set_title("learning curves" + (f" (band: 95% interval, {seeds} seeds)" if seeds > 1 else " (1 seed)"))
     curves.grid(alpha=0.3)
     curves.legend(fontsize=8)
 
@@ -396,12 +403,12 @@ def plot_comparison(summaries: list[dict], rows: list[dict], path: Path) -> None
         xs = [t - 0.4 + width * (i + 0.5) for t in turns]
         heights = [row[f"final_reward_turn{t}"] for t in turns]
         errors = [row[f"final_reward_turn{t}_ci95"] for t in turns]
-        errors = [e if math.isfinite(e) else 0.0 for e in errors]
+        errors = [e if math.isfinite(e) else 0.0 for e in errors] if row["seeds"] > 1 else None
         bars.bar(xs, heights, width, yerr=errors, capsize=3, color=colors[row["policy"]],
                  label=f"{row['policy']} (mean {row['final_reward']:.3f})")
     bars.set_xticks(turns, [f"turn {t}" for t in turns])
     bars.set_ylabel("final held-out reward")
-    bars.set_title("per-turn held-out reward after training")
+    bars.set_title("per-turn held-out reward, last epoch" + (" (95% intervals)" if seeds > 1 else ""))
     bars.grid(axis="y", alpha=0.3)
     bars.legend(fontsize=8)
     figure.tight_layout()
