@@ -8,32 +8,38 @@ import torch
 from ppg.subsets import RewardSubset, subset_from_name
 
 
-def per_turn_gradients(pl_module, batch) -> torch.Tensor:
-    """``[B, n, P]`` gradients of each rollout's turn log-probability w.r.t. the LoRA parameters.
-
-    One rollout at a time, so memory stays that of batch size 1.
-    """
-    params = [p for p in pl_module.policy.parameters() if p.requires_grad]
-    size, n_turns = batch.rewards.shape
-    grads = torch.zeros(size, n_turns, sum(p.numel() for p in params), device=pl_module.device)
-    for b in range(size):
-        single = batch.select([b])
-        logprobs = pl_module.turn_logprobs(single)[0]
-        for t in range(n_turns):
-            if not batch.turn_mask[b, t]:
-                continue
-            parts = torch.autograd.grad(logprobs[t], params, retain_graph=t < n_turns - 1, allow_unused=True)
-            grads[b, t] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                     for g, p in zip(parts, params)])
+def rollout_turn_gradients(pl_module, batch, row: int, params) -> torch.Tensor:
+    """``[n, P]`` gradients of rollout ``row``'s turn log-probabilities w.r.t. ``params``
+    (zero rows for turns past the conversation's end)."""
+    n_turns = batch.rewards.shape[1]
+    grads = torch.zeros(n_turns, sum(p.numel() for p in params), device=pl_module.device)
+    logprobs = pl_module.turn_logprobs(batch.select([row]))[0]
+    live = [t for t in range(n_turns) if batch.turn_mask[row, t]]
+    for t in live:
+        parts = torch.autograd.grad(logprobs[t], params, retain_graph=t != live[-1], allow_unused=True)
+        grads[t] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                              for g, p in zip(parts, params)])
     return grads
 
 
-def gradient_snr(per_sample: torch.Tensor) -> float:
-    """‖mean gradient‖² / (trace of the per-sample covariance / B), for ``[B, P]`` samples."""
-    size = per_sample.shape[0]
-    mean = per_sample.mean(0)
-    trace = ((per_sample - mean) ** 2).sum() / max(size - 1, 1)
-    return float(mean.pow(2).sum() / (trace / size).clamp(min=1e-30))
+class SNRAccumulator:
+    """Gradient signal-to-noise ‖mean‖² / (trace of the per-sample covariance / B), from
+    per-sample gradients added one at a time (memory: one gradient, not B)."""
+
+    def __init__(self):
+        self.total, self.squares, self.count = None, 0.0, 0
+
+    def add(self, gradient: torch.Tensor) -> None:
+        gradient = gradient.double()
+        self.total = gradient.clone() if self.total is None else self.total + gradient
+        self.squares += float(gradient.pow(2).sum())
+        self.count += 1
+
+    def snr(self) -> float:
+        size = self.count
+        mean_sq = float((self.total / size).pow(2).sum())
+        trace = (self.squares - size * mean_sq) / max(size - 1, 1)
+        return mean_sq / max(trace / size, 1e-30)
 
 
 class GradientNoise(L.Callback):
@@ -56,10 +62,15 @@ class GradientNoise(L.Callback):
             return
         if batch.rewards.shape[0] < 2:
             return
+        params = [p for p in pl_module.policy.parameters() if p.requires_grad]
+        subsets = self._subsets(pl_module)
+        advantages = [pl_module.advantages(batch, subset).float() for subset in subsets]
+        accumulators = [SNRAccumulator() for _ in subsets]
         with torch.enable_grad():
-            grads = per_turn_gradients(pl_module, batch)
-        for subset in self._subsets(pl_module):
-            advantages = pl_module.advantages(batch, subset).to(grads.dtype)
-            per_sample = torch.einsum("bt,btp->bp", advantages, grads)
-            pl_module.log(f"grad_noise/{subset.name}/snr", gradient_snr(per_sample),
+            for row in range(batch.rewards.shape[0]):
+                turn_grads = rollout_turn_gradients(pl_module, batch, row, params)
+                for accumulator, advantage in zip(accumulators, advantages):
+                    accumulator.add(advantage[row] @ turn_grads)
+        for subset, accumulator in zip(subsets, accumulators):
+            pl_module.log(f"grad_noise/{subset.name}/snr", accumulator.snr(),
                           on_step=True, on_epoch=False, batch_size=batch.rewards.shape[0])

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from ppg.embedded import EMBEDDED_MODELS, SMOLLM2, TINY_RANDOM, embedded_model_dir
+from ppg.memory import detach_from_checkpoint_file
+from ppg.nf4_layouts import keep_both_nf4_layouts
 
 QUANTIZATIONS = ("nf4", "int8", "none")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -147,8 +149,11 @@ def load_base_model(spec: ModelSpec | dict | None = None, device: str | torch.de
             )
         except OSError as error:
             raise ValueError(f"cannot load model {spec.name_or_path!r}: {_first_line(error)}") from None
+        detach_from_checkpoint_file(model)
     model.to(torch.device(device)) if spec.quantization == "none" else None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if spec.quantization == "nf4":
+        keep_both_nf4_layouts(model)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model, tokenizer

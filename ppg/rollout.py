@@ -22,6 +22,7 @@ from ppg.generation import (
     stop_token_ids,
 )
 from ppg.judges.base import Judge, JudgeRequest
+from ppg.memory import trim_heap
 from ppg.problems.base import Context
 from ppg.users import ScriptedUser, UserSimulator
 
@@ -117,12 +118,14 @@ def turn_logprobs(model, batch: RolloutBatch, temperature: float = 1.0) -> torch
     # Token j is predicted from position j - 1.
     acted = batch.action_mask[:, :, 1:].any(dim=1)  # [B, L-1]
     rows, cols = acted.nonzero(as_tuple=True)
-    logits = base.get_output_embeddings()(hidden[rows, cols]).float() / temperature
+    logits = base.get_output_embeddings()(hidden[rows, cols])
     targets = batch.input_ids[rows, cols + 1]
-    token_logp = torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
-    per_token = torch.zeros(acted.shape, dtype=token_logp.dtype, device=token_logp.device)
-    per_token = per_token.index_put((rows, cols), token_logp)
-    return torch.einsum("bl,btl->bt", per_token, batch.action_mask[:, :, 1:].to(per_token.dtype))
+    with torch.autocast(logits.device.type, enabled=False):  # fp32 sums under mixed precision
+        token_logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        token_logp = token_logp.gather(1, targets.unsqueeze(1)).squeeze(1)
+        per_token = torch.zeros(acted.shape, dtype=token_logp.dtype, device=token_logp.device)
+        per_token = per_token.index_put((rows, cols), token_logp)
+        return torch.einsum("bl,btl->bt", per_token, batch.action_mask[:, :, 1:].to(per_token.dtype))
 
 
 @dataclass
@@ -223,6 +226,7 @@ class RolloutEngine:
         finally:
             self.policy.train(was_training)
             bar.close()
+            trim_heap()  # the KV caches of a rollout phase are large and short-lived
         return rollouts
 
     def _run_chunk(self, jobs, bar) -> list[Rollout]:

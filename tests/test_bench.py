@@ -67,6 +67,8 @@ def test_roofline_ratio_and_limit():
     bench.add_roofline_ratio(row, roofline=100.0)
     assert row["roofline_ratio"] == pytest.approx(0.25)
     assert row["limit_tokens_per_s"] == pytest.approx(200.0)
+    bench.add_roofline_ratio(row, roofline=100.0, bf16_roofline=400.0)
+    assert row["bf16_roofline_ratio"] == pytest.approx(0.0625)
 
 
 def test_parse_args_quick_and_batches():

@@ -20,6 +20,7 @@ FAST = [
     "--data.init_args.batch_size=2", "--data.init_args.val_contexts=2",
     "--data.init_args.sampling.max_new_tokens=6", "--data.init_args.progress=false",
     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+    "--trainer.precision=32-true",
 ]
 
 
@@ -189,7 +190,8 @@ def test_malformed_logged_conversation_names_the_line(in_tmp, capsys):
 def test_micro_batches_give_the_same_training(in_tmp):
     import torch
 
-    _fit(in_tmp, "--trainer.max_epochs=1", "--data.init_args.judge=helpers_for_tests.LengthJudge", name="whole")
+    _fit(in_tmp, "--trainer.max_epochs=1", "--data.init_args.judge=helpers_for_tests.LengthJudge",
+         "--model.micro_batch_size=null", name="whole")
     _fit(in_tmp, "--trainer.max_epochs=1", "--data.init_args.judge=helpers_for_tests.LengthJudge",
          "--model.micro_batch_size=1", name="micro")
     whole, micro = _losses(in_tmp, "whole"), _losses(in_tmp, "micro")
@@ -200,3 +202,26 @@ def test_micro_batches_give_the_same_training(in_tmp):
                for name in ("whole", "micro")]
     for key, value in weights[0].items():
         assert torch.allclose(value, weights[1][key], atol=1e-6), key
+
+
+def test_bf16_mixed_precision_trains_with_fp32_log_probs(in_tmp):
+    import torch
+
+    from ppg.generation import Sampling
+    from ppg.models import load_policy
+    from ppg.problems import DelayedPayoff
+    from ppg.rollout import RolloutEngine, collate_rollouts, turn_logprobs
+
+    _fit(in_tmp, "--trainer.max_epochs=1", "--trainer.precision=bf16-mixed", name="bf16")
+    losses = _losses(in_tmp, "bf16")
+    assert sorted(losses) == [0, 1] and all(math.isfinite(v) for v in losses.values())
+
+    policy, tokenizer = load_policy({"name_or_path": "embedded:tiny-random-llama", "quantization": "none"})
+    engine = RolloutEngine(policy, tokenizer, DelayedPayoff().default_judge(), n_turns=3, group_size=2,
+                           sampling=Sampling(max_new_tokens=6), progress=False)
+    batch = collate_rollouts(engine.run(DelayedPayoff().contexts("train", 2, seed=0), seed=0), tokenizer.pad_token_id)
+    exact = turn_logprobs(policy, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = turn_logprobs(policy, batch)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, exact, rtol=0.05, atol=0.5)

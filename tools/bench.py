@@ -263,11 +263,14 @@ def bench_train(policy, tokenizer, shape, rollouts, args) -> dict:
     return results
 
 
-def add_roofline_ratio(row: dict, roofline: float) -> None:
-    """Add the row's fraction of the roofline and its tokens/s at the roofline (in place)."""
+def add_roofline_ratio(row: dict, roofline: float, bf16_roofline: float | None = None) -> None:
+    """Add the row's fraction of the fp32 roofline (and of the bf16 one, if given) and its
+    tokens/s at the fp32 roofline, in place."""
     tokens = row.get("generated_tokens", row.get("tokens"))
     row["roofline_ratio"] = row["gflop"] / row["seconds"] / roofline
     row["limit_tokens_per_s"] = roofline * tokens / row["gflop"]
+    if bf16_roofline:
+        row["bf16_roofline_ratio"] = row["gflop"] / row["seconds"] / bf16_roofline
 
 
 def nf4_packed_for_inference(policy) -> bool:
@@ -457,11 +460,9 @@ def print_table(result: dict) -> None:
             ("FLOPs/token forward (M, ctx 256)", result["flops_per_token"]["forward_ctx256"] / 1e6, ""),
             ("FLOPs/token train (M, ctx 256)", result["flops_per_token"]["train_ctx256"] / 1e6, "")]
     for batch, row in result["rollout_by_batch"].items():
-        rows.append((f"rollout tok/s, gen batch {batch}", row["tokens_per_s"],
-                     f"{row['roofline_ratio']:.1%} of roofline (limit {row['limit_tokens_per_s']:.0f})"))
+        rows.append((f"rollout tok/s, gen batch {batch}", row["tokens_per_s"], _ratio_note(row)))
     for batch, row in result["train_by_batch"].items():
-        rows.append((f"train tok/s, train batch {batch}", row["tokens_per_s"],
-                     f"{row['roofline_ratio']:.1%} of roofline (limit {row['limit_tokens_per_s']:.0f})"))
+        rows.append((f"train tok/s, train batch {batch}", row["tokens_per_s"], _ratio_note(row)))
     rows.append(("ppg iteration gen tok/s", result["ppg_iteration"]["tokens_per_s"], ""))
     trl = result.get("trl_tokens_per_s")
     rows.append(("TRL GRPO step gen tok/s", trl if trl is not None else float("nan"),
@@ -473,6 +474,11 @@ def print_table(result: dict) -> None:
     width = max(len(name) for name, _, _ in rows)
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>10.2f}  {note}")
+
+
+def _ratio_note(row: dict) -> str:
+    return (f"{row['roofline_ratio']:.1%} of fp32 roofline (limit {row['limit_tokens_per_s']:.0f} tok/s), "
+            f"{row.get('bf16_roofline_ratio', float('nan')):.1%} of bf16")
 
 
 def parse_args(argv=None):
@@ -544,7 +550,7 @@ def run(args) -> dict:
     _progress(f"peak RSS: {result['peak_rss']}")
     roofline = max(roofline, measure_roofline())  # best of start and end
     for row in [*rollouts.values(), *train.values()]:
-        add_roofline_ratio(row, roofline)
+        add_roofline_ratio(row, roofline, result["roofline_bf16_gflops"])
     top, train_top = max(args.batches), max(args.train_batches)
     result.update({
         "roofline_gflops": roofline,
