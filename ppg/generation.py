@@ -6,14 +6,18 @@ from dataclasses import dataclass
 
 import torch
 
+from ppg.bf16_head import bf16_output_head
+
 
 @dataclass
 class Sampling:
-    """How turns are sampled: temperature, nucleus top_p, and a length cap per turn."""
+    """How turns are sampled: temperature, nucleus top_p, a length cap per turn, and whether the
+    vocabulary projection may run in bf16 while sampling (CPUs with native bf16 only)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 48
+    bf16_head: bool = True
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -68,8 +72,9 @@ def sample_continuations(model, tokenizer, prompts: list[list[int]], sampling: S
         return []
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
     device = next(model.parameters()).device
-    output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                            **_generate_kwargs(tokenizer, sampling))
+    with bf16_output_head(model, sampling.bf16_head):
+        output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                **_generate_kwargs(tokenizer, sampling))
     return _cut_after_stop(output[:, input_ids.shape[1]:], stop_token_ids(tokenizer))[0]
 
 
@@ -95,9 +100,10 @@ class TurnByTurnSampler:
         block, block_mask = block.to(self.device), block_mask.to(self.device)
         ids = block if self.ids is None else torch.cat([self.ids, block], dim=1)
         mask = block_mask if self.mask is None else torch.cat([self.mask, block_mask], dim=1)
-        output = self.model.generate(input_ids=ids, attention_mask=mask, past_key_values=self.cache,
-                                     return_dict_in_generate=True,
-                                     **_generate_kwargs(self.tokenizer, self.sampling))
+        with bf16_output_head(self.model, self.sampling.bf16_head):
+            output = self.model.generate(input_ids=ids, attention_mask=mask, past_key_values=self.cache,
+                                         return_dict_in_generate=True,
+                                         **_generate_kwargs(self.tokenizer, self.sampling))
         rows, new_mask = _cut_after_stop(output.sequences[:, ids.shape[1]:], self.stops)
         self.ids, self.mask = output.sequences, torch.cat([mask, new_mask], dim=1)
         self.cache = output.past_key_values

@@ -202,19 +202,26 @@ def make_optimizer(policy):
     return torch.optim.AdamW(params, lr=1e-5)
 
 
-def update_step(policy, optimizer, batch) -> float:
-    """The module's training step: turn log-probs, partial PG loss, backward, clip, AdamW."""
-    from ppg.objective import partial_pg_loss
+def update_step(policy, optimizer, batch, precision: str = "bf16-mixed", micro_batch: int = 1) -> float:
+    """The module's training step: turn log-probs and partial PG loss per micro-batch (whole-batch
+    advantages), backward, clip, AdamW; under bf16 autocast for ``precision="bf16-mixed"``."""
+    from ppg.objective import advantage_weighted_loss, partial_advantages
     from ppg.rollout import turn_logprobs
     from ppg.subsets import KStepLookahead
 
     policy.train()
     started = time.perf_counter()
-    logprobs = turn_logprobs(policy, batch)
-    loss = partial_pg_loss(logprobs, batch.rewards, KStepLookahead(2), "leave_one_out",
-                           batch.group_ids, batch.turn_mask)
+    advantages = partial_advantages(batch.rewards, KStepLookahead(2), "leave_one_out",
+                                    batch.group_ids, batch.turn_mask)
+    size = batch.rewards.shape[0]
     optimizer.zero_grad()
-    loss.backward()
+    for start in range(0, size, micro_batch or size):
+        rows = list(range(start, min(start + (micro_batch or size), size)))
+        part = batch.select(rows)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            logprobs = turn_logprobs(policy, part)
+        loss = advantage_weighted_loss(logprobs, advantages[rows], part.turn_mask)
+        (loss * len(rows) / size).backward()
     torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], 1.0)
     optimizer.step()
     return time.perf_counter() - started
@@ -247,12 +254,12 @@ def bench_train(policy, tokenizer, shape, rollouts, args) -> dict:
     rollouts = rollouts[:args.train_rollouts]
     optimizer = make_optimizer(policy)
     warm_up = collate_rollouts(rollouts[:min(args.train_batches)], tokenizer.pad_token_id)
-    update_step(policy, optimizer, warm_up)
+    update_step(policy, optimizer, warm_up, args.precision, args.micro_batch)
     results = {}
     for size in args.train_batches:
         batches = [collate_rollouts(rollouts[i:i + size], tokenizer.pad_token_id)
                    for i in range(0, len(rollouts), size)]
-        seconds = sum(update_step(policy, optimizer, batch) for batch in batches)
+        seconds = sum(update_step(policy, optimizer, batch, args.precision, args.micro_batch) for batch in batches)
         tokens = sum(int(batch.attention_mask.sum()) for batch in batches)
         results[size] = {
             "rollouts": len(rollouts), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
@@ -293,7 +300,8 @@ def bench_ppg_iteration(policy, tokenizer, args) -> dict:
     times, tokens = [], []
     for step in range(args.iterations + 1):
         rollouts, rollout_s, engine = run_rollouts(policy, tokenizer, batch, args, seed=step)
-        update_s = update_step(policy, optimizer, collate_rollouts(rollouts, tokenizer.pad_token_id))
+        update_s = update_step(policy, optimizer, collate_rollouts(rollouts, tokenizer.pad_token_id),
+                               args.precision, args.micro_batch)
         if step > 0:  # the first iteration is a warm-up
             times.append(rollout_s + update_s)
             tokens.append(engine.stats.agent_tokens)
@@ -339,7 +347,7 @@ def _run_trl(args) -> dict:
         output_dir=tempfile.mkdtemp(prefix="ppg-bench-trl-"), num_generations=args.group_size,
         per_device_train_batch_size=batch, max_completion_length=args.max_new_tokens,
         max_steps=args.iterations + 1, temperature=1.0, top_p=1.0, learning_rate=1e-5, beta=0.0,
-        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, report_to="none",
+        use_cpu=True, bf16=args.precision == "bf16-mixed", fp16=False, gradient_checkpointing=False, report_to="none",
         save_strategy="no", logging_steps=1, shuffle_dataset=False, dataloader_num_workers=0,
         disable_tqdm=True, max_grad_norm=1.0,
     )
@@ -408,7 +416,8 @@ def rss_child(args) -> None:
     phases["load"] = _self_peak_mb()
     rollouts, _, _ = run_rollouts(policy, tokenizer, 8, args)
     phases["rollout"] = _self_peak_mb()
-    update_step(policy, make_optimizer(policy), collate_rollouts(rollouts, tokenizer.pad_token_id))
+    update_step(policy, make_optimizer(policy), collate_rollouts(rollouts, tokenizer.pad_token_id),
+                args.precision, args.micro_batch)
     phases["update"] = _self_peak_mb()
     print("RSS_PHASES " + json.dumps(phases), flush=True)
 
@@ -496,6 +505,9 @@ def parse_args(argv=None):
                         help="comma-separated training batch sizes (rollouts per update)")
     parser.add_argument("--train-rollouts", type=int, default=32,
                         help="rollouts (of the largest generation batch) trained on per size")
+    parser.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "32-true"],
+                        help="training precision of ppg and TRL (as the configs' trainer.precision)")
+    parser.add_argument("--micro-batch", type=int, default=1, help="rollouts per forward/backward (0: whole batch)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: unchanged)")
     parser.add_argument("--fit-command", help="command whose peak RSS is measured "
                         "(default: ppg fit on configs/experiment/smoke.yaml if present)")
