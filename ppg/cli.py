@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import inspect
 import os
+import signal
 import sys
+import threading
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -118,8 +120,19 @@ def _run_config_tool(name: str, function, argv: list[str]) -> None:
     function(**{key: values[key] for key in inspect.signature(function).parameters if key in values})
 
 
+class Terminated(Exception):
+    """SIGTERM arrived; raised where the program is, so work in progress stops now (Lightning
+    alone would wait for the end of the batch, and rollouts are not batches)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated("terminated by SIGTERM")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)  # Lightning calls it after its own handler
     try:
         if args and args[0] in TOOLS:
             run_tool(args[0], args[1:])
@@ -130,6 +143,10 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"ppg: error: {_root_message(error)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Terminated:
+        if os.environ.get("PPG_DEBUG"):
+            raise
+        raise SystemExit(128 + signal.SIGTERM) from None
 
 
 def _root_message(error: BaseException) -> str:

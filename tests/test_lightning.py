@@ -225,3 +225,28 @@ def test_bf16_mixed_precision_trains_with_fp32_log_probs(in_tmp):
         mixed = turn_logprobs(policy, batch)
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, exact, rtol=0.05, atol=0.5)
+
+
+def test_sigterm_stops_mid_rollout_with_a_checkpoint(tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    started = tmp_path / "judge_started"
+    command = [sys.executable, "-m", "ppg.cli", "fit", *FAST, "--trainer.max_epochs=1",
+               "--data.init_args.judge=helpers_for_tests.BlockingJudge",
+               f"--data.init_args.judge.init_args.started_file={started}",
+               "--trainer.logger.init_args.name=term"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 300
+    while not started.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert started.exists(), process.communicate()[1][-2000:]
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - sent < 30  # the judge would have blocked for 300 s
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "ppg: stopped: Terminated: terminated by SIGTERM; checkpoint saved to" in stderr
+    assert (tmp_path / "runs" / "term" / "version_0" / "checkpoints" / "interrupted.ckpt").exists()
