@@ -399,6 +399,7 @@ def plot_comparison(summaries: list[dict], rows: list[dict], path: Path) -> None
 
     turns = sorted(int(m.group(1)) for k in rows[0] if (m := re.fullmatch(r"final_reward_turn(\d+)", k)))
     width = 0.8 / max(len(labels), 1)
+    top = 0.0
     for i, row in enumerate(rows):
         xs = [t - 0.4 + width * (i + 0.5) for t in turns]
         heights = [row[f"final_reward_turn{t}"] for t in turns]
@@ -406,11 +407,13 @@ def plot_comparison(summaries: list[dict], rows: list[dict], path: Path) -> None
         errors = [e if math.isfinite(e) else 0.0 for e in errors] if row["seeds"] > 1 else None
         bars.bar(xs, heights, width, yerr=errors, capsize=3, color=colors[row["policy"]],
                  label=f"{row['policy']} (mean {row['final_reward']:.3f})")
+        top = max([top, *(h + (e if errors else 0.0) for h, e in zip(heights, errors or heights))])
     bars.set_xticks(turns, [f"turn {t}" for t in turns])
     bars.set_ylabel("final held-out reward")
     bars.set_title("per-turn held-out reward, last epoch" + (" (95% intervals)" if seeds > 1 else ""))
     bars.grid(axis="y", alpha=0.3)
-    bars.legend(fontsize=8)
+    bars.set_ylim(top=max(top, 1e-6) * 1.3)  # room for the legend above the bars
+    bars.legend(fontsize=8, loc="upper center", ncol=len(labels))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
