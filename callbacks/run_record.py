@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
 
 PACKAGES = ("ppg", "torch", "lightning", "transformers", "peft", "bitsandbytes", "torchmetrics",
             "omegaconf", "jsonargparse", "gguf")
@@ -42,26 +43,26 @@ class RunRecord(L.Callback):
         (Path(log_dir) / "run.json").write_text(json.dumps(record, indent=2))
 
 
-class CheckpointOnException(L.Callback):
-    """On any exception (judge failure, non-finite loss, Ctrl-C) save ``interrupted.ckpt`` first."""
+class CheckpointOnException(OnExceptionCheckpoint):
+    """Lightning's ``OnExceptionCheckpoint`` writing ``<log dir>/checkpoints/interrupted.ckpt`` on
+    any exception (judge failure, non-finite loss, Ctrl-C, SIGTERM), then a one-line reason."""
+
+    def __init__(self):
+        super().__init__(dirpath=".", filename="interrupted")
+
+    def setup(self, trainer, pl_module, stage):
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        self.dirpath = os.path.join(log_dir or trainer.default_root_dir, "checkpoints")
 
     def on_exception(self, trainer, pl_module, exception):
-        reason = str(exception).strip().splitlines()[0] if str(exception).strip() else type(exception).__name__
-        # Not trainer.log_dir: it broadcasts, and other ranks may not be here.
-        log_dir = trainer.logger.log_dir if trainer.logger is not None else trainer.default_root_dir
-        if getattr(pl_module, "policy", None) is None or log_dir is None:
+        text = str(exception).strip()
+        reason = text.splitlines()[0] if text else type(exception).__name__
+        if getattr(pl_module, "policy", None) is None:
             print(f"ppg: stopped: {reason}", file=sys.stderr)
             return
-        path = Path(log_dir) / "checkpoints" / "interrupted.ckpt"
         try:
-            if trainer.world_size == 1:
-                trainer.save_checkpoint(path)
-            else:  # other ranks may not have failed: no collectives, one file per rank
-                path = path.with_name(f"interrupted-rank{trainer.global_rank}.ckpt")
-                checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
-            saved = f"checkpoint saved to {path}"
+            super().on_exception(trainer)
+            saved = f"checkpoint saved to {self.ckpt_path}"
         except (OSError, RuntimeError, ValueError) as error:  # the stop reason matters more
             saved = f"checkpoint could not be saved ({type(error).__name__})"
         print(f"ppg: stopped: {type(exception).__name__}: {reason}; {saved}", file=sys.stderr)

@@ -43,8 +43,7 @@ class TranscriptLogger(L.Callback):
         (folder / f"{stem}.md").write_text(transcript_markdown(chosen, f"{stage}, epoch {trainer.current_epoch}"))
 
     def on_train_epoch_end(self, trainer, pl_module):
-        state = getattr(trainer.datamodule, "_epoch_rollouts", None)
-        self._write(trainer, state[1] if state else None, "train")
+        self._write(trainer, getattr(trainer.datamodule, "epoch_rollouts", None), "train")
 
     def on_validation_epoch_end(self, trainer, pl_module):
         self._write(trainer, getattr(trainer.datamodule, "last_eval_rollouts", None), "val")

@@ -1,4 +1,4 @@
-"""The ``ppg`` command: LightningCLI (fit, validate, test) plus ppg's own tools."""
+"""The ``ppg`` command: LightningCLI (fit, validate, test) plus the commands in ``COMMANDS``."""
 
 from __future__ import annotations
 
@@ -15,22 +15,24 @@ from ppg.judges.openai_compatible import JudgeError
 from ppg.module import PartialPolicyGradientModule
 
 # name -> "module:function"; each function is exposed through jsonargparse (typed arguments).
-TOOLS = {
-    "prepare-model": ("ppg.embedded:prepare_model", "convert and cache the embedded model"),
-    "chat": ("ppg.tools:chat", "one persona reply from a (quantized) model"),
-    "rollout": ("ppg.tools:rollout", "write logged conversations (JSONL) from a policy and a problem"),
-    "judge-eval": ("ppg.judge_eval:judge_eval", "accuracy/AUROC of judges on the labelled set"),
-    "compare": ("ppg.compare:compare", "train and compare policy classes on one problem"),
-    "evaluate": ("ppg.compare:evaluate", "a trained policy vs the base model on held-out contexts"),
+COMMANDS = {
+    "prepare-model": ("ppg.models.embedded:prepare_model", "convert and cache the embedded model"),
+    "chat": ("ppg.commands.chat:chat", "one persona reply from a (quantized) model"),
+    "rollout": ("ppg.commands.rollout:rollout", "write logged conversations (JSONL) from a policy and a problem"),
+    "judge-eval": ("ppg.commands.judge_eval:judge_eval", "accuracy/AUROC of judges on the labelled sets"),
+    "compare": ("ppg.commands.compare.run:compare", "train and compare policy classes on one problem"),
+    "evaluate": ("ppg.commands.evaluate:evaluate", "a trained policy vs the base model on held-out contexts"),
+    "export": ("ppg.commands.export:export", "a checkpoint's adapters as a peft folder (or a merged model)"),
 }
+assert all(target.startswith("ppg.") and ":" in target for target, _ in COMMANDS.values())
 # Bad input and the failures a run stops on (judge down, non-finite loss): one line, no traceback
 # (set PPG_DEBUG=1 for the traceback).
 ONE_LINE_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, JudgeError)
 
 
-def _tools_epilog() -> str:
-    width = max(len(name) for name in TOOLS)
-    lines = [f"  {name.ljust(width)}  {help_text}" for name, (_, help_text) in TOOLS.items()]
+def _commands_epilog() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"  {name.ljust(width)}  {help_text}" for name, (_, help_text) in COMMANDS.items()]
     return "other commands (ppg COMMAND --help):\n" + "\n".join(lines)
 
 
@@ -52,7 +54,7 @@ class PPGCLI(LightningCLI):
                            "init_args": {"save_dir": "runs"}},
                 "callbacks": _always_on_callbacks(),
             },
-            parser_kwargs={**omegaconf, "epilog": _tools_epilog(),
+            parser_kwargs={**omegaconf, "epilog": _commands_epilog(),
                            **{name: dict(omegaconf) for name in ("fit", "validate", "test")}},
             args=args,
             run=run,
@@ -72,26 +74,26 @@ class PPGCLI(LightningCLI):
 
 
 def _always_on_callbacks():
-    from callbacks.run_record import CheckpointOnException, RunRecord
+    from ppg.callbacks.run_record import CheckpointOnException, RunRecord
 
     return [RunRecord(), CheckpointOnException()]
 
 
-def run_tool(name: str, argv: list[str]) -> None:
+def run_command(name: str, argv: list[str]) -> None:
     import importlib
 
     from jsonargparse import auto_cli
 
-    target, _ = TOOLS[name]
+    target, _ = COMMANDS[name]
     module_name, function_name = target.split(":")
     function = getattr(importlib.import_module(module_name), function_name)
     if "config" in inspect.signature(function).parameters:
-        _run_config_tool(name, function, argv)
+        _run_config_command(name, function, argv)
         return
     auto_cli(function, args=argv, parser_mode="omegaconf", as_positional=False)
 
 
-def _run_config_tool(name: str, function, argv: list[str]) -> None:
+def _run_config_command(name: str, function, argv: list[str]) -> None:
     """Tools taking ``config: list[str]`` (compare, evaluate): ``--config`` stacks like in
     ``ppg fit`` (``--config a.yaml --config b.yaml``) and ``--overrides --key=value`` repeats.
 
@@ -134,8 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)  # Lightning calls it after its own handler
     try:
-        if args and args[0] in TOOLS:
-            run_tool(args[0], args[1:])
+        if args and args[0] in COMMANDS:
+            run_command(args[0], args[1:])
         else:
             PPGCLI(args=argv)
     except ONE_LINE_ERRORS as error:

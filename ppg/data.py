@@ -10,11 +10,11 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
-from ppg.generation import Sampling
 from ppg.judges.base import Judge
-from ppg.problems.base import Context, Problem
-from ppg.rollout import Rollout, RolloutEngine, collate_rollouts, rollout_from_messages
-from ppg.users import ScriptedUser, UserSimulator
+from ppg.problems.base import Problem
+from ppg.rollout import Rollout, RolloutEngine, Sampling, collate_rollouts, rollout_from_messages
+from ppg.rollout.users import ScriptedUser, UserSimulator
+from ppg.types import Context
 
 
 class RolloutBatches(IterableDataset):
@@ -100,7 +100,13 @@ class RolloutDataModule(ConversationDataModule):
         self.generation_batch_size, self.max_context_tokens = generation_batch_size, max_context_tokens
         self.seed, self.progress = seed, progress
         self.last_stats = None
+        self.last_eval_rollouts: list[Rollout] = []
         self._epoch_rollouts: tuple[int, list[Rollout]] | None = None
+
+    @property
+    def epoch_rollouts(self) -> list[Rollout]:
+        """This rank's training rollouts of the current epoch (empty before the first)."""
+        return self._epoch_rollouts[1] if self._epoch_rollouts is not None else []
 
     def _engine(self, group_size: int) -> RolloutEngine:
         module = self.trainer.lightning_module

@@ -6,6 +6,7 @@ import lightning as L
 import torch
 
 from ppg.models import ModelSpec, as_spec, load_policy
+from ppg.models.adapters import CHECKPOINT_KEY, adapter_payload
 from ppg.objective import (
     BASELINES,
     advantage_weighted_loss,
@@ -158,5 +159,4 @@ class PartialPolicyGradientModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
-        checkpoint["ppg_model_spec"] = {"name_or_path": self.spec.name_or_path,
-                                        "quantization": self.spec.quantization}
+        checkpoint[CHECKPOINT_KEY] = adapter_payload(self.policy, self.spec)

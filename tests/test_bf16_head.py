@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from ppg.bf16_head import Bf16Head, bf16_output_head, cpu_has_fast_bf16
-from ppg.generation import Sampling, sample_continuations
+from ppg.models.cpu.bf16_head import Bf16Head, bf16_output_head, cpu_has_fast_bf16
+from ppg.rollout.samplers.base import Sampling
+from ppg.rollout.samplers.hf import sample_continuations
 
 
 @pytest.mark.skipif(not cpu_has_fast_bf16(), reason="CPU without native bf16 matmuls")
@@ -29,7 +30,8 @@ def test_bf16_head_logits_close_and_head_restored(tiny_policy):
 
 
 def test_sampling_without_bf16_head_is_plain_generate_and_head_is_restored(tiny_policy):
-    from ppg.generation import _generate_kwargs, left_pad
+    from ppg.rollout.samplers.base import left_pad
+    from ppg.rollout.samplers.hf import _generate_kwargs
 
     policy, tokenizer = tiny_policy
     base = policy.get_base_model()

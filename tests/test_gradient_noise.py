@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-
-from callbacks.gradient_noise import SNRAccumulator
+from ppg.callbacks.gradient_noise import SNRAccumulator
 
 
 def _snr_from_all(samples: torch.Tensor) -> float:

@@ -195,7 +195,7 @@ def mann_whitney(positives, negatives):
 
 
 def test_judge_eval_metrics_by_hand(tmp_path, rules_module, capsys):
-    from ppg.judge_eval import judge_eval
+    from ppg.commands.judge_eval import judge_eval
 
     data = tmp_path / "six.jsonl"
     data.write_text("\n".join(json.dumps({"persona": ["I have a dog and a cat."], "line": line, "label": label})
@@ -215,7 +215,7 @@ def test_judge_eval_metrics_by_hand(tmp_path, rules_module, capsys):
 
 
 def test_auroc_matches_mann_whitney_with_ties():
-    from ppg.judge_eval import evaluate_scores
+    from ppg.commands.judge_eval import evaluate_scores
 
     generator = torch.Generator().manual_seed(0)
     scores = (torch.randint(0, 5, (30,), generator=generator) / 4).tolist()
@@ -227,7 +227,7 @@ def test_auroc_matches_mann_whitney_with_ties():
 
 
 def test_packaged_labelled_set_is_balanced():
-    from ppg.judge_eval import LABELS, load_labelled
+    from ppg.commands.judge_eval import LABELS, load_labelled
 
     rows = load_labelled()
     assert len(rows) >= 60
@@ -237,7 +237,7 @@ def test_packaged_labelled_set_is_balanced():
 
 
 def test_judge_eval_validation(tmp_path):
-    from ppg.judge_eval import judge_eval, load_labelled
+    from ppg.commands.judge_eval import judge_eval, load_labelled
 
     with pytest.raises(ValueError, match="unknown judge"):
         judge_eval(judges=["oracle"])

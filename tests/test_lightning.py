@@ -207,10 +207,9 @@ def test_micro_batches_give_the_same_training(in_tmp):
 def test_bf16_mixed_precision_trains_with_fp32_log_probs(in_tmp):
     import torch
 
-    from ppg.generation import Sampling
     from ppg.models import load_policy
     from ppg.problems import DelayedPayoff
-    from ppg.rollout import RolloutEngine, collate_rollouts, turn_logprobs
+    from ppg.rollout import RolloutEngine, Sampling, collate_rollouts, turn_logprobs
 
     _fit(in_tmp, "--trainer.max_epochs=1", "--trainer.precision=bf16-mixed", name="bf16")
     losses = _losses(in_tmp, "bf16")

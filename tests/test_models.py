@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from ppg.generation import Sampling, generate_replies
 from ppg.models import load_policy
+from ppg.rollout.samplers.base import Sampling
+from ppg.rollout.samplers.hf import generate_replies
 
 
 def _linear_kinds(model):
@@ -86,7 +87,7 @@ def test_cli_reports_bad_model_in_one_line(capsys):
 
 
 def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, monkeypatch):
-    from ppg import embedded
+    from ppg.models import embedded
 
     calls = []
 

@@ -195,7 +195,7 @@ def served(tmp_path_factory):
 
     if not is_serve_available():
         pytest.skip("the serving extra is not installed (pip install 'transformers[serving]')")
-    from ppg.embedded import embedded_model_dir
+    from ppg.models.embedded import embedded_model_dir
 
     model_dir = str(embedded_model_dir())
     port = free_port()
@@ -257,7 +257,7 @@ def test_real_server_score_verdict(served):
 
 def test_openai_user_talks_to_the_real_server(served):
     from ppg.problems.base import Context
-    from ppg.users import OpenAIUser
+    from ppg.rollout.users import OpenAIUser
 
     user = OpenAIUser(served["url"], served["model"], max_tokens=12, temperature=0.0, max_retries=1,
                       backoff=0.01)

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from ppg.generation import Sampling, generate_replies
 from ppg.judges.rule import RuleJudge
 from ppg.problems.base import Context
 from ppg.rollout import RolloutEngine, collate_rollouts, rollout_from_messages, turn_logprobs
-from ppg.users import ScriptedUser, SelfPlayUser
+from ppg.rollout.samplers.base import Sampling
+from ppg.rollout.samplers.hf import generate_replies
+from ppg.rollout.users import ScriptedUser, SelfPlayUser
 
 
 def _contexts(count, user_lines=("Nice. Any pets?", "Where do you live?", "Bye!")):
@@ -104,7 +105,7 @@ def test_self_play_user_runs_with_adapters_disabled(tiny_policy):
     torch.manual_seed(0)
     replies = user.respond(contexts, histories, 0)
     torch.manual_seed(0)
-    from ppg.users import user_view
+    from ppg.rollout.users import user_view
 
     with policy.disable_adapter():
         base = generate_replies(policy, tokenizer, [user_view(c, h) for c, h in zip(contexts, histories)],

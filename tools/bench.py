@@ -177,10 +177,9 @@ def load(model: str, quantization: str):
 
 
 def make_engine(policy, tokenizer, batch: int, args):
-    from ppg.generation import Sampling
     from ppg.judges.rule import RuleJudge
-    from ppg.rollout import RolloutEngine
-    from ppg.users import ScriptedUser
+    from ppg.rollout import RolloutEngine, Sampling
+    from ppg.rollout.users import ScriptedUser
 
     return RolloutEngine(policy, tokenizer, RuleJudge(keywords=["fun", "practice", "tip"]),
                          ScriptedUser(), n_turns=args.n_turns,

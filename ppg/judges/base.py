@@ -3,32 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from ppg.problems.base import Context
+from ppg.types import JudgeRequest
 
-
-@dataclass
-class JudgeRequest:
-    """One agent line to score, with everything said before it.
-
-    ``history`` holds (role, text) pairs in order, roles "user" and "assistant", starting with
-    the user's opening; it does not include ``line``. ``turn`` is the 0-indexed agent turn.
-    """
-
-    context: Context
-    history: list[tuple[str, str]]
-    line: str
-    turn: int
-
-    @property
-    def agent_lines(self) -> list[str]:
-        """The agent's earlier lines followed by this one."""
-        return [text for role, text in self.history if role == "assistant"] + [self.line]
+__all__ = ["Judge", "JudgeRequest"]
 
 
 class Judge:
-    """Scores agent lines. Subclasses implement ``score`` (batched) and return floats in [0, 1]."""
+    """Scores agent lines. Subclasses implement ``score`` (batched) and return floats in [0, 1].
+
+    ``needs_reply``: True if the reward of turn t depends on the user's answer y_t (r_t = r(x, τ_t));
+    the rollout engine then scores a turn after the user has replied to it.
+    """
+
+    needs_reply: bool = False
 
     def score(self, requests: Sequence[JudgeRequest]) -> list[float]:
         raise NotImplementedError

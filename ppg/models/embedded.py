@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ppg.assets import packaged_dir, ppg_home
+from ppg.models.assets import packaged_dir, ppg_home
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_RANDOM = "tiny-random-llama"

@@ -1,4 +1,4 @@
-"""Multi-turn rollouts: a batch of conversations advanced turn by turn, then scored.
+"""The rollout engine: a batch of conversations advanced turn by turn, then scored.
 
 The policy sees each conversation through its chat template. Token ids are built piece by
 piece, the agent's sampled tokens kept verbatim, so the action mask marks exactly the tokens the
@@ -9,123 +9,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from ppg.generation import (
-    Sampling,
-    TurnByTurnSampler,
-    left_pad,
-    sample_continuations,
-    stop_token_ids,
-)
-from ppg.judges.base import Judge, JudgeRequest
-from ppg.memory import trim_heap
-from ppg.problems.base import Context
-from ppg.users import ScriptedUser, UserSimulator
+from ppg.judges.base import Judge
+from ppg.models.cpu.memory import trim_heap
+from ppg.rollout.batch import Rollout
+from ppg.rollout.samplers.base import Sampling, stop_token_ids
+from ppg.rollout.samplers.hf import TurnByTurnSampler, sample_continuations
+from ppg.rollout.users import ScriptedUser, UserSimulator
+from ppg.types import Context, JudgeRequest
 
 _MARK = "\x00PPG-TURN\x00"
-
-
-@dataclass
-class Rollout:
-    """One finished conversation: tokens, which agent turn produced each token, rewards."""
-
-    context: Context
-    group_id: int
-    token_ids: list[int]
-    action_turn: list[int]  # per token: agent turn index that sampled it, or -1
-    rewards: list[float]  # [n_turns], 0 for turns that did not happen
-    turn_mask: list[bool]  # [n_turns]
-    messages: list[tuple[str, str]]  # (role, text), starting with the user's opening
-
-    @property
-    def agent_texts(self) -> list[str]:
-        return [text for role, text in self.messages if role == "assistant"]
-
-    def to_json(self) -> dict:
-        """The logged-conversation record (see ``LoggedConversationDataModule``)."""
-        return {"context_id": self.context.context_id, "group_id": self.group_id,
-                "agent_system_prompt": self.context.agent_system_prompt,
-                "user_system_prompt": self.context.user_system_prompt,
-                "persona": self.context.persona, "messages": [list(m) for m in self.messages],
-                "rewards": self.rewards, "turn_mask": self.turn_mask}
-
-
-@dataclass
-class RolloutBatch:
-    """Padded tensors for a list of rollouts (left padding).
-
-    ``action_mask[b, t, j]`` is True where token j of row b was sampled by the agent at turn t.
-    """
-
-    input_ids: torch.Tensor  # [B, L]
-    attention_mask: torch.Tensor  # [B, L]
-    action_mask: torch.Tensor  # [B, n, L] bool
-    rewards: torch.Tensor  # [B, n]
-    turn_mask: torch.Tensor  # [B, n] bool
-    group_ids: torch.Tensor  # [B]
-    rollouts: list[Rollout] = field(default_factory=list, repr=False)
-    temperature: float = 1.0  # the sampling temperature, so log-probs match what was sampled
-
-    @property
-    def n_turns(self) -> int:
-        return self.rewards.shape[1]
-
-    def select(self, rows: list[int]) -> RolloutBatch:
-        """The sub-batch of ``rows`` (padding kept)."""
-        index = torch.tensor(rows, dtype=torch.long)
-        picked = {name: getattr(self, name)[index.to(getattr(self, name).device)] for name in
-                  ("input_ids", "attention_mask", "action_mask", "rewards", "turn_mask", "group_ids")}
-        return RolloutBatch(**picked, rollouts=[self.rollouts[r] for r in rows if r < len(self.rollouts)],
-                            temperature=self.temperature)
-
-    def to(self, device) -> RolloutBatch:
-        moved = {name: getattr(self, name).to(device) for name in
-                 ("input_ids", "attention_mask", "action_mask", "rewards", "turn_mask", "group_ids")}
-        return RolloutBatch(**moved, rollouts=self.rollouts, temperature=self.temperature)
-
-
-def collate_rollouts(rollouts: Sequence[Rollout], pad_id: int, temperature: float = 1.0) -> RolloutBatch:
-    """Pad rollouts (all with the same number of turns) into a ``RolloutBatch``."""
-    n_turns = len(rollouts[0].rewards)
-    input_ids, attention_mask = left_pad([r.token_ids for r in rollouts], pad_id)
-    turns, _ = left_pad([r.action_turn for r in rollouts], -1)
-    turn_index = torch.arange(n_turns).view(1, n_turns, 1)
-    return RolloutBatch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        action_mask=turns.unsqueeze(1) == turn_index,
-        rewards=torch.tensor([r.rewards for r in rollouts], dtype=torch.float32),
-        turn_mask=torch.tensor([r.turn_mask for r in rollouts], dtype=torch.bool),
-        group_ids=torch.tensor([r.group_id for r in rollouts], dtype=torch.long),
-        rollouts=list(rollouts),
-        temperature=temperature,
-    )
-
-
-def turn_logprobs(model, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
-    """``[B, n]`` sums of the log-probabilities of each turn's sampled tokens, with gradients.
-
-    One forward pass over the batch; the vocabulary projection runs on action positions only.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = base.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                position_ids=position_ids, use_cache=False).last_hidden_state
-    # Token j is predicted from position j - 1.
-    acted = batch.action_mask[:, :, 1:].any(dim=1)  # [B, L-1]
-    rows, cols = acted.nonzero(as_tuple=True)
-    logits = base.get_output_embeddings()(hidden[rows, cols])
-    targets = batch.input_ids[rows, cols + 1]
-    with torch.autocast(logits.device.type, enabled=False):  # fp32 sums under mixed precision
-        token_logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        token_logp = token_logp.gather(1, targets.unsqueeze(1)).squeeze(1)
-        per_token = torch.zeros(acted.shape, dtype=token_logp.dtype, device=token_logp.device)
-        per_token = per_token.index_put((rows, cols), token_logp)
-        return torch.einsum("bl,btl->bt", per_token, batch.action_mask[:, :, 1:].to(per_token.dtype))
 
 
 @dataclass

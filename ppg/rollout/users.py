@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ppg.generation import Sampling, generate_replies
-from ppg.problems.base import Context
-
-History = list[tuple[str, str]]
+from ppg.rollout.samplers.base import Sampling
+from ppg.rollout.samplers.hf import generate_replies
+from ppg.types import Context, History
 
 
 def user_view(context: Context, history: History) -> list[dict]:

@@ -12,7 +12,7 @@ from ppg.judges.base import Judge, JudgeRequest
 from ppg.problems.base import Context
 
 LABELS = ("consistent", "contradicting", "off_topic")
-DEFAULT_DATA = Path(__file__).parent / "judges" / "data" / "labelled_persona_lines.jsonl"
+DEFAULT_DATA = Path(__file__).parents[1] / "judges" / "data" / "labelled_persona_lines.jsonl"
 THRESHOLD = 0.5
 
 

@@ -1,0 +1,4 @@
+"""The ``ppg`` commands beside ``fit``/``validate``/``test`` (see ``ppg.cli.COMMANDS``).
+
+Commands import the library; nothing in the library imports a command.
+"""

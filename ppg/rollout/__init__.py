@@ -1,0 +1,8 @@
+"""Rollouts: the conversation loop, its samplers, user simulators, and the training batch."""
+
+from ppg.rollout.batch import Rollout, RolloutBatch, collate_rollouts, turn_logprobs
+from ppg.rollout.engine import RolloutEngine, RolloutStats, rollout_from_messages
+from ppg.rollout.samplers.base import Sampling
+
+__all__ = ["Rollout", "RolloutBatch", "RolloutEngine", "RolloutStats", "Sampling",
+           "collate_rollouts", "rollout_from_messages", "turn_logprobs"]

@@ -1,0 +1,1 @@
+"""Samplers: who produces the agent's tokens (HF ``generate`` today)."""
