@@ -26,6 +26,9 @@ class Rollout:
     rewards: list[float]  # [n_turns], 0 for turns that did not happen
     turn_mask: list[bool]  # [n_turns]
     messages: list[tuple[str, str]]  # (role, text), starting with the user's opening
+    # per token: the sampler's log-prob of each sampled agent token (temperature applied), 0.0
+    # elsewhere; empty when unknown (logged conversations)
+    sampler_logprobs: list[float] = field(default_factory=list)
 
     @property
     def agent_texts(self) -> list[str]:
