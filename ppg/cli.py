@@ -90,7 +90,20 @@ def run_command(name: str, argv: list[str]) -> None:
     if "config" in inspect.signature(function).parameters:
         _run_config_command(name, function, argv)
         return
-    auto_cli(function, args=argv, parser_mode="omegaconf", as_positional=False)
+    auto_cli(function, args=_bare_flags_true(function, argv), parser_mode="omegaconf",
+             as_positional=False)
+
+
+def _bare_flags_true(function, argv: list[str]) -> list[str]:
+    """``--merge`` alone means ``--merge=true`` for the function's bool parameters."""
+    flags = {f"--{name}" for name, parameter in inspect.signature(function).parameters.items()
+             if parameter.annotation in (bool, "bool")}
+    args = []
+    for index, arg in enumerate(argv):
+        following = argv[index + 1] if index + 1 < len(argv) else "--"
+        bare = arg in flags and following.startswith("--")
+        args.append(f"{arg}=true" if bare else arg)
+    return args
 
 
 def _run_config_command(name: str, function, argv: list[str]) -> None:
