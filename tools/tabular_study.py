@@ -26,6 +26,7 @@ import csv
 import json
 import math
 import platform
+import re
 import shlex
 import sys
 import time
@@ -214,10 +215,14 @@ def plot_heatmap(rows: list[dict], args, path: Path) -> None:
                         continue
                     sig = not math.isnan(m) and m - ci > 0
                     shade = 0.12 if not sig else 0.3 + 0.7 * min(m / 0.3, 1.0)
-                    rgb = torch.tensor(to_rgb(_color(win, args.policies)))
+                    rgb = torch.tensor(to_rgb(_color(r["winner"], args.policies)))
                     img[y, x] = 1 - shade * (1 - rgb)
+                    same = [q for q in args.policies if q != win and torch.equal(
+                        as_subset(q).weights(n), as_subset(win).weights(n))]
+                    if same:
+                        win = f"{win}≡{same[-1]}"
                     label = win if math.isnan(m) else (
-                        f"{win}\n{'+' if sig else '≈'}{m:.2f}\nvs {r['runner_up']}")
+                        f"{win}\n{'+' if sig else '≈'}{m:.3f}\nvs {r['runner_up']}")
                     ax.text(x, y, label, ha="center", va="center", fontsize=6.5,
                             linespacing=1.1, color="white" if shade > 0.75 else "black")
             ax.imshow(img.numpy(), origin="lower", aspect="auto")
@@ -233,7 +238,8 @@ def plot_heatmap(rows: list[dict], args, path: Path) -> None:
     fig.suptitle(
         f"DelayedAsk: class with the highest P(optimal action) after {args.updates} "
         f"{args.optimizer} updates ({args.seeds} seeds)\nlabel: winner, + margin over the best "
-        "other class (paired 95% CI > 0; ≈: not resolved), vs: that class; darker = larger margin",
+        "other class (paired 95% CI > 0; ≈: not resolved), vs: that class; darker = larger margin;"
+        " a≡b: the same estimator at that n",
         fontsize=9)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=130)
@@ -340,7 +346,8 @@ def main(argv=None) -> list[dict]:
             argv if argv is not None else sys.argv[1:]) else "")
     meta = {
         "command": cmd,
-        "config": {k: v for k, v in vars(args).items() if k not in ("out", "quiet", "no_plot")},
+        "config": {k: v for k, v in vars(args).items() if k not in (
+            "out", "quiet", "no_plot", "n", "sigma", "delay", "rollouts", "policies")},
         "grid": {"delay": args.delay, "rollouts": args.rollouts, "n": args.n,
                  "sigma": args.sigma, "policies": args.policies},
         "cell_seed": "zlib.crc32(f'{seed}:{delay}:{rollouts}:{n}:{sigma:g}'), same for every class",
@@ -351,7 +358,10 @@ def main(argv=None) -> list[dict]:
         "versions": _versions(),
         "wall_s": round(wall, 2),
     }
-    (out / "tabular_study.json").write_text(json.dumps(meta, indent=2) + "\n")
+    text = json.dumps(meta, indent=1)
+    text = re.sub(r"\[\s+([^\[\]]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]",
+                  text)  # one line per list
+    (out / "tabular_study.json").write_text(text + "\n")
     if not args.quiet:
         print_tables(rows, args)
         print(f"\n{len(rows)} rows in {wall:.1f} s -> {out}/tabular_study.csv")
