@@ -2,57 +2,22 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
-import re
-from pathlib import Path
 
 from ppg.subsets import RewardSubset, Segment, subset_from_name
 
 POLICY_FORMS = ("greedy, full, k<K> (e.g. k2), segment<L> (e.g. segment3), segment (the problem's "
                 "block_length), discounted<gamma> (e.g. discounted0.9)")
-def _merged_yaml(config: list[str]) -> dict:
-    """The configs merged key by key (no interpolation), for a few look-ups before training."""
-    import yaml
-
-    def merge(base: dict, extra: dict) -> dict:
-        for key, value in extra.items():
-            if isinstance(value, dict) and isinstance(base.get(key), dict):
-                merge(base[key], value)
-            else:
-                base[key] = value
-        return base
-
-    merged: dict = {}
-    for path in config:
-        merge(merged, yaml.safe_load(Path(path).read_text()) or {})
-    return merged
 
 
 def _problem_block_length(config: list[str], overrides: list[str]) -> int | None:
-    """``block_length`` of the configured problem (explicit, or its class default), if it has one."""
-    for arg in reversed(overrides):
-        if m := re.fullmatch(r"--(?:data\.init_args\.)?problem\.init_args\.block_length=(\d+)", arg):
-            return int(m.group(1))
-    problem = _merged_yaml(config).get("data", {}).get("init_args", {}).get("problem")
-    if isinstance(problem, str):
-        problem = {"class_path": problem}
-    if not isinstance(problem, dict):
-        return None
-    if "block_length" in (problem.get("init_args") or {}):
-        return int(problem["init_args"]["block_length"])
-    class_path = problem.get("class_path", "")
-    if "." not in class_path:
-        return None
-    module, _, name = class_path.rpartition(".")
-    try:
-        parameter = inspect.signature(getattr(importlib.import_module(module), name)).parameters.get("block_length")
-    except (ImportError, AttributeError, ValueError, TypeError):
-        return None
-    if parameter is None or not isinstance(parameter.default, int):
-        return None
-    return parameter.default
+    """``block_length`` of the configured problem, resolved by ``ppg fit``'s own parser
+    (stacked configs, interpolation, overrides, class defaults), if the problem has one."""
+    from ppg.commands.compare.run import run_cli
+
+    args = [arg for path in config for arg in ("--config", str(path))] + list(overrides)
+    cli = run_cli(args, run=False)
+    return getattr(getattr(cli.datamodule, "problem", None), "block_length", None)
 
 
 def parse_policies(policies: str, config: list[str] | None = None,

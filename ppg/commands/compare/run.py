@@ -88,7 +88,7 @@ def _fingerprint(config: list[str], overrides: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_cli(args: list[str]):
+def run_cli(args: list[str], run: bool = True):
     """``PPGCLI(args)`` with ``sys.argv`` showing those arguments (run.json records them)."""
     from ppg.cli import PPGCLI
 
@@ -97,7 +97,7 @@ def run_cli(args: list[str]):
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            return PPGCLI(args=args)
+            return PPGCLI(args=args, run=run)
     finally:
         sys.argv = saved
 
