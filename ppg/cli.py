@@ -10,8 +10,8 @@ import threading
 
 from lightning.pytorch.cli import LightningCLI
 
+from ppg.clients import EndpointError
 from ppg.data import ConversationDataModule
-from ppg.judges.openai_compatible import JudgeError
 from ppg.module import PartialPolicyGradientModule
 
 # name -> "module:function"; each function is exposed through jsonargparse (typed arguments).
@@ -27,7 +27,7 @@ COMMANDS = {
 assert all(target.startswith("ppg.") and ":" in target for target, _ in COMMANDS.values())
 # Bad input and the failures a run stops on (judge down, non-finite loss): one line, no traceback
 # (set PPG_DEBUG=1 for the traceback).
-ONE_LINE_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, JudgeError)
+ONE_LINE_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, EndpointError)  # JudgeError too
 
 
 def _commands_epilog() -> str:

@@ -1,7 +1,7 @@
 """Importable from configs in tests (pytest puts tests/ on sys.path)."""
 
 from ppg.judges.base import Judge
-from ppg.judges.openai_compatible import JudgeError
+from ppg.judges import JudgeError
 
 
 class FailingJudge(Judge):

@@ -105,7 +105,7 @@ def test_embedding_validation(tmp_path):
 
 def test_lm_judge_yes_no_extraction_is_exact(tokenizer, tiny_model):
     judge = LMJudge.from_loaded(tiny_model, tokenizer)
-    yes_ids, no_ids = judge._answer_ids(tokenizer)
+    yes_ids, no_ids = judge.backend.answer_ids()
     assert {tokenizer.decode([i]).strip().lower() for i in yes_ids} == {"yes"}
     assert {tokenizer.decode([i]).strip().lower() for i in no_ids} == {"no"}
     assert tokenizer.encode(" yes", add_special_tokens=False)[0] in yes_ids

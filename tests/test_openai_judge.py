@@ -5,19 +5,18 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from chat_server import ChatServer, reply
 
 from ppg.judges import JudgeError, JudgeRequest, OpenAIJudge
 from ppg.judges.openai_compatible import ReplyError, parse_reply
-from ppg.problems.base import Context
+from ppg.types import Context
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-FAST = {"backoff": 0.01, "max_retries": 2, "timeout": 5.0}
+FAST = {"max_retries": 2, "timeout": 5.0}
 
 
 def request(line, persona=("I have two dogs.", "I work as a nurse.")):
@@ -30,13 +29,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def reply(content, logprobs=None):
-    choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
-    if logprobs is not None:
-        choice["logprobs"] = {"content": logprobs}
-    return {"id": "x", "object": "chat.completion", "choices": [choice]}
 
 
 # --- parsing and validation (no server) --------------------------------------------------------
@@ -75,7 +67,7 @@ def test_parse_reply_uses_logprobs():
 @pytest.mark.parametrize("kwargs, name", [
     ({"base_url": "localhost:8000"}, "base_url"), ({"model": ""}, "model"),
     ({"verdict": "stars"}, "verdict"), ({"concurrency": 0}, "concurrency"),
-    ({"timeout": 0}, "timeout"), ({"max_retries": -1}, "max_retries"), ({"backoff": -1}, "backoff"),
+    ({"timeout": 0}, "timeout"), ({"max_retries": -1}, "max_retries"),
     ({"prompt": "no line here"}, "prompt"), ({"max_tokens": 0}, "max_tokens"),
 ])
 def test_openai_judge_validation(kwargs, name):
@@ -97,54 +89,10 @@ def test_request_body_and_url():
 
 # --- a scripted local server -------------------------------------------------------------------
 
-class Scripted:
-    """A local HTTP server whose replies come from ``respond(count) -> (status, bytes)``."""
-
-    def __init__(self, respond, delay=0.0):
-        self.count = 0
-        self.active = 0
-        self.max_active = 0
-        lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with lock:
-                    outer.count += 1
-                    outer.active += 1
-                    outer.max_active = max(outer.max_active, outer.active)
-                    number = outer.count
-                time.sleep(delay)
-                status, payload = respond(number)
-                with lock:
-                    outer.active -= 1
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_malformed_reply_retried_then_error():
-    with Scripted(lambda n: (200, b'{"choices": [{"message": {"content": "I think so'), ) as server:
+    with ChatServer(lambda n, body: (200, b'{"choices": [{"message": {"content": "I think so'), ) as server:
         judge = OpenAIJudge(server.url, "m", **FAST)
-        with pytest.raises(JudgeError, match=r"127\.0\.0\.1.*3 attempt.*malformed") as error:
+        with pytest.raises(JudgeError, match=r"127\.0\.0\.1.*3 attempt.*not JSON") as error:
             judge.score([request("x")])
     assert server.count == 3
     assert "\n" not in str(error.value)
@@ -153,18 +101,18 @@ def test_malformed_reply_retried_then_error():
 def test_unparseable_verdict_then_recovery(tmp_path):
     answers = {1: b'{"choices": [{"message": {"content": "Perhaps."}}]}'}
     good = json.dumps(reply("No.")).encode()
-    with Scripted(lambda n: (200, answers.get(n, good))) as server:
+    with ChatServer(lambda n, body: (200, answers.get(n, good))) as server:
         judge = OpenAIJudge(server.url, "m", cache_dir=str(tmp_path), **FAST)
         assert judge.score([request("x")]) == [1.0]
-    assert server.count == 2 and judge.stats["failures"] == 1
+    assert server.count == 2 and judge.stats["parse_failures"] == 1
 
 
 def test_retryable_status_then_success_and_fatal_status():
     good = json.dumps(reply("yes")).encode()
-    with Scripted(lambda n: (503, b'{"error": "busy"}') if n == 1 else (200, good)) as server:
+    with ChatServer(lambda n, body: (503, b'{"error": "busy"}') if n == 1 else (200, good)) as server:
         assert OpenAIJudge(server.url, "m", **FAST).score([request("x")]) == [0.0]
         assert server.count == 2
-    with Scripted(lambda n: (400, b'{"error": "unknown field logprobs"}')) as server:
+    with ChatServer(lambda n, body: (400, b'{"error": "unknown field logprobs"}')) as server:
         with pytest.raises(JudgeError, match="rejected the request: HTTP 400.*logprobs"):
             OpenAIJudge(server.url, "m", **FAST).score([request("x")])
         assert server.count == 1  # a client error is not retried
@@ -172,7 +120,7 @@ def test_retryable_status_then_success_and_fatal_status():
 
 def test_concurrency_limit_and_in_batch_dedup():
     good = json.dumps(reply("No")).encode()
-    with Scripted(lambda n: (200, good), delay=0.15) as server:
+    with ChatServer(lambda n, body: (200, good), delay=0.15) as server:
         judge = OpenAIJudge(server.url, "m", concurrency=2, **FAST)
         lines = [f"line {i}" for i in range(6)]
         assert judge.score([request(line) for line in lines + lines[:2]]) == [1.0] * 8
@@ -181,7 +129,7 @@ def test_concurrency_limit_and_in_batch_dedup():
 
 
 def test_timeout_is_a_failure():
-    with Scripted(lambda n: (200, b"{}"), delay=1.0) as server:
+    with ChatServer(lambda n, body: (200, b"{}"), delay=1.0) as server:
         judge = OpenAIJudge(server.url, "m", timeout=0.2, max_retries=0)
         with pytest.raises(JudgeError, match="1 attempt.*timed out"):
             judge.score([request("x")])
@@ -235,18 +183,18 @@ def test_real_server_scores_and_caches(served, tmp_path):
     requests = [request("After my shift at the hospital I walk my dogs."), request("I have never owned a pet.")]
     first = judge.score(requests)
     assert len(first) == 2 and all(0.0 <= value <= 1.0 for value in first)
-    assert judge.stats["http_requests"] == 2
+    assert judge.stats["requests"] == 2
     assert judge.score(requests) == first
-    assert judge.stats["http_requests"] == 2 and judge.stats["cache_hits"] == 2
+    assert judge.stats["requests"] == 2 and judge.stats["cache_hits"] == 2
     # the cache is on disk: a fresh judge with the same settings asks nothing either
     fresh = OpenAIJudge(served["url"], served["model"], cache_dir=str(tmp_path), **FAST)
     assert fresh.score(requests[:1]) == first[:1]
-    assert fresh.stats == {"http_requests": 0, "cache_hits": 1, "failures": 0}
+    assert fresh.stats == {"requests": 0, "cache_hits": 1, "http_errors": 0, "parse_failures": 0}
     assert len(list(tmp_path.glob("*.json"))) == 2
 
 
 def test_real_server_score_verdict(served):
-    judge = OpenAIJudge(served["url"], served["model"], verdict="score", max_retries=1, backoff=0.01)
+    judge = OpenAIJudge(served["url"], served["model"], verdict="score", max_retries=1)
     try:
         value = judge.score([request("I work as a nurse.")])[0]
     except JudgeError as error:  # a 135M model may never produce an integer: the error must say so
@@ -256,15 +204,13 @@ def test_real_server_score_verdict(served):
 
 
 def test_openai_user_talks_to_the_real_server(served):
-    from ppg.problems.base import Context
     from ppg.rollout.users import OpenAIUser
 
-    user = OpenAIUser(served["url"], served["model"], max_tokens=12, temperature=0.0, max_retries=1,
-                      backoff=0.01)
+    user = OpenAIUser(served["url"], served["model"], max_tokens=12, temperature=0.0, max_retries=1)
     context = Context("c", "You are Ann.", "You are a curious person who asks questions.", "Hi!")
     replies = user.respond([context, context], [[("user", "Hi!"), ("assistant", "Hello, I am Ann.")]] * 2, 0)
     assert len(replies) == 2 and all(isinstance(r, str) and r for r in replies)
-    assert replies[0] == replies[1]  # temperature 0: same conversation, same reply
+    assert replies[0] == replies[1]  # temperature 0: identical conversations are asked once
 
 
 def test_stopped_server_raises_judge_error(served):
@@ -277,4 +223,4 @@ def test_stopped_server_raises_judge_error(served):
         judge.score([request("I am a nurse.")])
     message = str(error.value)
     assert served["url"] in message and "3 attempt" in message and "\n" not in message
-    assert judge.stats["http_requests"] == 1 + 3
+    assert judge.stats["requests"] == 1 + 3

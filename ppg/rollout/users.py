@@ -95,47 +95,24 @@ class ModelUser(_ModelBackedUser):
 class OpenAIUser(UserSimulator):
     """A chat model behind an OpenAI-compatible endpoint (vLLM, ``transformers serve``, hosted).
 
-    Requests run ``concurrency`` at a time; a failed one is retried ``max_retries`` times with
-    exponential backoff, then the rollout stops with a one-line error naming the URL.
+    Sees the conversation from the user's side with the context's user role prompt. Requests
+    run ``concurrency`` at a time through ``ppg.clients.ChatClient`` (the openai client: retries
+    with backoff, timeout); persistent failure stops the rollout with a one-line
+    ``EndpointError`` naming the URL. ``api_key`` falls back to ``$OPENAI_API_KEY``.
     """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None,
                  max_tokens: int = 64, temperature: float = 0.7, timeout: float = 60.0,
-                 max_retries: int = 3, backoff: float = 0.5, concurrency: int = 4):
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"OpenAIUser: base_url must be an http(s) URL, got {base_url!r}")
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key = model, api_key
-        self.max_tokens, self.temperature, self.timeout = max_tokens, temperature, timeout
-        self.max_retries, self.backoff, self.concurrency = max_retries, backoff, concurrency
+                 max_retries: int = 3, concurrency: int = 4):
+        from ppg.clients import ChatClient
 
-    def _ask(self, messages: list[dict]) -> str:
-        import json
-        import time
-        import urllib.request
-
-        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
-                           "temperature": self.temperature}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        last = "no attempt made"
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read())["choices"][0]["message"]["content"].strip()
-            except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
-                last = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-        from ppg.judges.openai_compatible import JudgeError
-
-        raise JudgeError(f"OpenAIUser: {self.url} failed after {self.max_retries + 1} attempt(s); last error: {last}")
+        self.client = ChatClient(base_url, model, api_key=api_key, concurrency=concurrency,
+                                 timeout=timeout, max_retries=max_retries, name="OpenAIUser")
+        self.max_tokens, self.temperature = max_tokens, temperature
 
     def respond(self, contexts, histories, turn):
-        from concurrent.futures import ThreadPoolExecutor
+        from ppg.clients import parse_text
 
-        conversations = [user_view(c, h) for c, h in zip(contexts, histories)]
-        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(conversations)))) as pool:
-            return list(pool.map(self._ask, conversations))
+        bodies = [self.client.body(user_view(c, h), max_tokens=self.max_tokens, temperature=self.temperature)
+                  for c, h in zip(contexts, histories)]
+        return self.client.complete(bodies, parse_text, dedupe=self.temperature == 0)
