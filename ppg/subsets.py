@@ -22,6 +22,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from ppg.types import check_n_turns
+
 __all__ = [
     "CustomMask",
     "Discounted",
@@ -32,12 +34,6 @@ __all__ = [
     "Segment",
     "subset_from_name",
 ]
-
-
-def _check_n_turns(owner: str, n_turns: int) -> int:
-    if isinstance(n_turns, bool) or not isinstance(n_turns, int) or n_turns < 1:
-        raise ValueError(f"{owner}: n_turns must be an int >= 1, got n_turns={n_turns!r}")
-    return n_turns
 
 
 class RewardSubset(ABC):
@@ -105,7 +101,7 @@ class FullPlanning(RewardSubset):
         return "full"
 
     def mask(self, n_turns: int) -> torch.Tensor:
-        n = _check_n_turns("FullPlanning", n_turns)
+        n = check_n_turns("FullPlanning", n_turns)
         return torch.ones(n, n, dtype=torch.bool).triu()
 
 
@@ -117,7 +113,7 @@ class Greedy(RewardSubset):
         return "greedy"
 
     def mask(self, n_turns: int) -> torch.Tensor:
-        n = _check_n_turns("Greedy", n_turns)
+        n = check_n_turns("Greedy", n_turns)
         return torch.eye(n, dtype=torch.bool)
 
 
@@ -138,7 +134,7 @@ class KStepLookahead(RewardSubset):
         return f"k{self.k}"
 
     def mask(self, n_turns: int) -> torch.Tensor:
-        return _band(_check_n_turns("KStepLookahead", n_turns), self.k)
+        return _band(check_n_turns("KStepLookahead", n_turns), self.k)
 
 
 class Segment(RewardSubset):
@@ -185,7 +181,7 @@ class Segment(RewardSubset):
 
     def segment_ids(self, n_turns: int) -> torch.Tensor:
         """Long ``[n]``: index of the segment that holds each turn."""
-        n = _check_n_turns("Segment", n_turns)
+        n = check_n_turns("Segment", n_turns)
         if self.length is not None:
             return torch.arange(n) // self.length
         if self.boundaries[-1] >= n:
@@ -218,11 +214,11 @@ class Discounted(RewardSubset):
         return f"discounted{self.gamma:g}"
 
     def mask(self, n_turns: int) -> torch.Tensor:
-        n = _check_n_turns("Discounted", n_turns)
+        n = check_n_turns("Discounted", n_turns)
         return torch.ones(n, n, dtype=torch.bool).triu()
 
     def weights(self, n_turns: int) -> torch.Tensor:
-        n = _check_n_turns("Discounted", n_turns)
+        n = check_n_turns("Discounted", n_turns)
         idx = torch.arange(n, dtype=torch.float64)
         offset = idx[None, :] - idx[:, None]
         # Computed in float64 then cast, so gamma^(i-t) matches math.pow to float32 precision.
@@ -259,7 +255,7 @@ class CustomMask(RewardSubset):
         return "custom"
 
     def _check_size(self, n_turns: int) -> None:
-        n = _check_n_turns("CustomMask", n_turns)
+        n = check_n_turns("CustomMask", n_turns)
         if n != self._weights.shape[0]:
             raise ValueError(
                 f"CustomMask: n_turns must equal the matrix size {self._weights.shape[0]}, "

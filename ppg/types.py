@@ -49,3 +49,10 @@ class JudgeRequest:
     def agent_lines(self) -> list[str]:
         """The agent's earlier lines followed by this one."""
         return [text for role, text in self.history if role == "assistant"] + [self.line]
+
+
+def check_n_turns(owner: str, n_turns: int) -> int:
+    """``n_turns`` if it is an int >= 1, else a one-line ValueError naming ``owner``."""
+    if isinstance(n_turns, bool) or not isinstance(n_turns, int) or n_turns < 1:
+        raise ValueError(f"{owner}: n_turns must be an int >= 1, got n_turns={n_turns!r}")
+    return n_turns

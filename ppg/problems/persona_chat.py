@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ppg.problems.base import Context, Problem
+from ppg.types import check_n_turns
 
 COLUMNS = ("user 1 personas", "user 2 personas", "Best Generated Conversation")
 TRAIN_SPLITS = ("train",)
@@ -229,8 +230,7 @@ class SyntheticPersonaChat(Problem):
         if side not in ("1", "2"):
             raise ValueError(f"SyntheticPersonaChat: agent_side must be 'user 1' or 'user 2', "
                              f"got {agent_side!r}")
-        if isinstance(n_turns, bool) or not isinstance(n_turns, int) or n_turns < 1:
-            raise ValueError(f"SyntheticPersonaChat: n_turns must be an int >= 1, got {n_turns!r}")
+        check_n_turns("SyntheticPersonaChat", n_turns)
         self.split, self.agent, self.n_turns = split, int(side), n_turns
         self.data_dir = resolve_data_dir(data_dir)
         self._contexts: dict[Path, list[Context]] = {}
