@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
+from ppg.jsonl import read_jsonl
 from ppg.judges.base import Judge
 from ppg.problems.base import Problem
 from ppg.rollout import Rollout, RolloutEngine, Sampling, collate_rollouts, rollout_from_messages
@@ -210,15 +209,9 @@ class LoggedConversationDataModule(ConversationDataModule):
 
 def load_logged_conversations(path: str, tokenizer) -> list[Rollout]:
     """Read a JSONL of logged conversations into rollouts (one-line errors name the line)."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"logged conversations file {path!r} does not exist")
     rollouts, n_turns = [], None
-    for number, line in enumerate(file.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, record in read_jsonl(path, "logged conversations"):
         try:
-            record = json.loads(line)
             context = Context(context_id=str(record.get("context_id", number)),
                               agent_system_prompt=record["agent_system_prompt"],
                               user_system_prompt=record.get("user_system_prompt", ""),
@@ -233,6 +226,4 @@ def load_logged_conversations(path: str, tokenizer) -> list[Rollout]:
             raise ValueError(f"{path}:{number}: has {len(rollout.rewards)} rewards, earlier lines {n_turns}")
         n_turns = len(rollout.rewards)
         rollouts.append(rollout)
-    if not rollouts:
-        raise ValueError(f"logged conversations file {path!r} is empty")
     return rollouts
