@@ -1,6 +1,7 @@
 """OpenAIJudge against a real `transformers serve` process and a scripted local HTTP server."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -211,6 +212,56 @@ def test_openai_user_talks_to_the_real_server(served):
     replies = user.respond([context, context], [[("user", "Hi!"), ("assistant", "Hello, I am Ann.")]] * 2, 0)
     assert len(replies) == 2 and all(isinstance(r, str) and r for r in replies)
     assert replies[0] == replies[1]  # temperature 0: identical conversations are asked once
+
+
+def _consistency_requests():
+    from test_consistency_judges import conversation
+
+    return conversation(["I work nights at the hospital.", "My dogs wait for me at home.",
+                         "I have never had a pet."])
+
+
+def _checked_live(judge, rewards, asked):
+    """Every reward is in [0, 1] or NaN (no readable verdict), and the counters add up."""
+    assert len(rewards) == 3
+    assert all(math.isnan(r) or 0.0 <= r <= 1.0 for r in rewards)
+    assert judge.stats["http_errors"] == 0
+    # an unreadable reply is asked again, except after the last attempt of an unscored item
+    stats = judge.stats
+    assert stats["requests"] == asked + stats["parse_failures"] - stats["unscored"]
+    assert stats["unscored"] == sum(math.isnan(r) for r in rewards)
+
+
+def test_prompt_to_line_real_server(served):
+    from ppg.judges import OpenAIBackend, PromptToLineJudge
+
+    judge = PromptToLineJudge(OpenAIBackend(served["url"], served["model"], max_retries=1),
+                              on_parse_failure="nan")
+    rewards = judge.score(_consistency_requests())
+    _checked_live(judge, rewards, asked=3)
+
+
+def test_line_to_line_real_server(served):
+    from ppg.judges import LineToLineJudge, OpenAIBackend
+
+    judge = LineToLineJudge(OpenAIBackend(served["url"], served["model"], max_retries=1),
+                            on_parse_failure="nan")
+    rewards = judge.score(_consistency_requests())
+    assert rewards[0] == 1.0
+    _checked_live(judge, rewards, asked=2)
+
+
+def test_qa_consistency_real_server(served):
+    from ppg.judges import OpenAIBackend, QAConsistencyJudge
+
+    judge = QAConsistencyJudge(OpenAIBackend(served["url"], served["model"], max_retries=1),
+                               n_questions=2, answer_tokens=16, question_tokens=60,
+                               on_parse_failure="nan")
+    rewards = judge.score(_consistency_requests())
+    assert len(judge.tests) == 1  # one persona: its questions written once
+    questions = len(next(iter(judge.tests.values())))
+    assert all(math.isnan(r) or 0.0 <= r <= 1.0 for r in rewards) and len(rewards) == 3
+    assert judge.stats["http_errors"] == 0 and judge.stats["requests"] >= 1 + questions * (1 + 3)
 
 
 def test_stopped_server_raises_judge_error(served):

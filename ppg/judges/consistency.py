@@ -59,6 +59,18 @@ GRADE = (
 )
 
 
+def check_question(template: str, fields: tuple[str, ...]) -> str:
+    """``template`` if it formats with ``fields`` and holds ``{line}``; one-line ValueError else."""
+    try:
+        template.format(**{field: "" for field in fields})
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(f"question template is invalid ({type(error).__name__}: {error}); fields: "
+                         f"{', '.join('{' + f + '}' for f in fields)}") from None
+    if "{line}" not in template:
+        raise ValueError("question template must contain {line}")
+    return template
+
+
 def persona_text(context: Context) -> str:
     """The persona as "- fact" lines (the agent's system prompt when there are no facts)."""
     if context.persona:
@@ -142,7 +154,7 @@ class PromptToLineJudge(ConsistencyJudge):
     def __init__(self, backend: JudgeBackend | None = None, on_parse_failure: str = "raise",
                  question: str = PROMPT_TO_LINE):
         super().__init__(backend, on_parse_failure)
-        self.question = question
+        self.question = check_question(question, ("persona", "previous", "line"))
 
     def prompt(self, request: JudgeRequest) -> list[dict]:
         previous = next((text for role, text in reversed(request.history) if role == "user"), "")
@@ -169,7 +181,7 @@ class LineToLineJudge(ConsistencyJudge):
     def __init__(self, backend: JudgeBackend | None = None, on_parse_failure: str = "raise",
                  question: str = LINE_TO_LINE):
         super().__init__(backend, on_parse_failure)
-        self.question = question
+        self.question = check_question(question, ("history", "line"))
 
     def prompt(self, request: JudgeRequest) -> list[dict]:
         content = self.question.format(history=transcript(request.history), line=request.line)
