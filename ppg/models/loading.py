@@ -121,10 +121,13 @@ def _quantize_in_memory(model, quantization: str, dtype: torch.dtype):
     """Quantize an in-memory model's Linear layers by a save/reload round trip through a temp dir."""
     import tempfile
 
+    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM
 
+    # Not save_pretrained: under torch.distributed it writes on rank 0 only.
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        model.config.save_pretrained(tmp)
+        save_model(model, f"{tmp}/model.safetensors", metadata={"format": "pt"})
         return AutoModelForCausalLM.from_pretrained(
             tmp, dtype=dtype, device_map={"": torch.device("cpu")},
             quantization_config=_quantization_config(quantization, dtype),
@@ -150,6 +153,13 @@ def load_policy(spec: ModelSpec | dict | None = None, device: str | torch.device
         raise ValueError(f"lora.target_modules={lora.target_modules!r}: {_first_line(error)}") from None
     model.config.use_cache = True
     return model, tokenizer
+
+
+def enable_gradient_checkpointing(policy) -> None:
+    """Recompute each decoder layer's activations in the backward pass. Applies to training
+    forwards only: transformers turns it off in eval mode, so sampling keeps its KV cache.
+    Non-reentrant checkpointing, so LoRA gradients flow although the frozen inputs need none."""
+    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _first_line(error: Exception) -> str:
