@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 
 from ppg.models import ModelSpec, as_spec, load_policy
 from ppg.models.adapters import CHECKPOINT_KEY, adapter_payload
+from ppg.models.loading import enable_gradient_checkpointing
+from ppg.models.sharding import (
+    check_shardable,
+    full_tensors,
+    gather,
+    no_gradient_sync,
+    release,
+    shard_policy,
+)
 from ppg.objective import (
     BASELINES,
     advantage_weighted_loss,
@@ -38,12 +50,15 @@ class PartialPolicyGradientModule(L.LightningModule):
         grad_clip: gradient norm clipping (0 = off).
         micro_batch_size: rollouts per forward/backward pass (gradients accumulate over the
             batch; baselines still use the whole batch); bounds activation memory. None = all.
+        gradient_checkpointing: recompute decoder activations in the backward pass (training
+            forwards only; sampling keeps its KV cache).
     """
 
     def __init__(self, model: ModelSpec | None = None, subset: RewardSubset | None = None,
                  baseline: str = "leave_one_out", lr: float = 1e-4, weight_decay: float = 0.0,
                  kl_coef: float = 0.0, kl_estimator: str = "k3", updates_per_batch: int = 1,
-                 clip_eps: float = 0.2, grad_clip: float = 1.0, micro_batch_size: int | None = None):
+                 clip_eps: float = 0.2, grad_clip: float = 1.0, micro_batch_size: int | None = None,
+                 gradient_checkpointing: bool = False):
         super().__init__()
         if baseline not in BASELINES:
             raise ValueError(f"model.baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
@@ -60,6 +75,7 @@ class PartialPolicyGradientModule(L.LightningModule):
         self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
         self.updates_per_batch, self.clip_eps, self.grad_clip = updates_per_batch, clip_eps, grad_clip
         self.micro_batch_size = micro_batch_size
+        self.gradient_checkpointing = gradient_checkpointing
         self.policy = None
         self.tokenizer = None
         self.automatic_optimization = False
@@ -72,7 +88,25 @@ class PartialPolicyGradientModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.policy is None:
+            if self.device_mesh is not None:  # FSDP2Strategy
+                check_shardable(self.spec)
             self.policy, self.tokenizer = load_policy(self.spec, device=self.device)
+            if self.gradient_checkpointing:
+                enable_gradient_checkpointing(self.policy)
+            if self.device_mesh is not None:
+                shard_policy(self.policy, self.device_mesh["data_parallel"])
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        release(self.policy)  # weights gathered for sampling go back to one shard per rank
+
+    def _gradient_sync(self, last: bool):
+        """Gradients are reduced across ranks on the batch's last micro-batch only."""
+        strategy = self.trainer.strategy
+        if last or not isinstance(strategy, ParallelStrategy):
+            return contextlib.nullcontext()
+        if self.device_mesh is not None:
+            return no_gradient_sync(self.policy)
+        return strategy.block_backward_sync()
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -98,7 +132,8 @@ class PartialPolicyGradientModule(L.LightningModule):
         total = torch.zeros((), device=self.device)
         kl_total = torch.zeros((), device=self.device) if self.kl_coef > 0 else None
         logprobs_all = torch.zeros_like(batch.rewards)
-        for rows in self._micro_batches(size):
+        micro_batches = self._micro_batches(size)
+        for index, rows in enumerate(micro_batches):
             part = batch.select(rows)
             share = len(rows) / size
             logprobs = self.turn_logprobs(part)
@@ -115,7 +150,8 @@ class PartialPolicyGradientModule(L.LightningModule):
                 kl_total += kl.detach() * share
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"loss is {loss.item()} at step {self.global_step}")
-            self.manual_backward(loss * share)
+            with self._gradient_sync(last=index == len(micro_batches) - 1):
+                self.manual_backward(loss * share)
             total += loss.detach() * share
             logprobs_all[rows] = logprobs.detach()
         return total, logprobs_all, kl_total
@@ -138,6 +174,7 @@ class PartialPolicyGradientModule(L.LightningModule):
         self.log("train/loss", loss, batch_size=size, sync_dist=True, prog_bar=True)
         if kl is not None:
             self.log("train/kl", kl, batch_size=size, sync_dist=True)
+        gather(self.policy)  # FSDP2: callbacks and sampling until the next batch see whole weights
         return loss
 
     def validation_step(self, batch: RolloutBatch, batch_idx: int):
@@ -159,4 +196,6 @@ class PartialPolicyGradientModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
-        checkpoint[CHECKPOINT_KEY] = adapter_payload(self.policy, self.spec)
+        payload = adapter_payload(self.policy, self.spec)
+        payload["state"] = full_tensors(payload["state"])  # sharded under FSDP2
+        checkpoint[CHECKPOINT_KEY] = payload
