@@ -11,7 +11,7 @@ import ppg.commands.compare.run as compare_module
 from ppg.cli import main
 from ppg.commands.compare.policies import parse_policies, subset_args
 from ppg.commands.compare.run import compare
-from ppg.commands.compare.stats import mean_ci
+from ppg.commands.compare.stats import format_paired, mean_ci, paired_differences, write_csv
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CONFIG = [str(CONFIGS / "experiment" / "smoke.yaml"), str(CONFIGS / "model" / "tiny-random.yaml")]
@@ -70,6 +70,20 @@ def test_compare_writes_csv_with_intervals_and_a_png(compared):
         assert 0.0 <= float(row["final_reward"]) <= 1.0
         assert float(row["generated_tokens"]) > 0 and float(row["wall_s"]) > 0
     assert len(_rows(out / "comparison_runs.csv")) == 4
+    # The paired table is computed from the per-run finals: greedy - full on the same seed.
+    runs = {(row["policy"], int(row["seed"])): float(row["final_reward"])
+            for row in _rows(out / "comparison_runs.csv")}
+    paired = {row["policy"]: row for row in _rows(out / "comparison_paired.csv")}
+    assert list(paired) == ["greedy", "full"]
+    diffs = [runs["greedy", s] - runs["full", s] for s in (0, 1)]
+    mean, half = mean_ci(diffs)
+    assert paired["greedy"]["best_other"] == "full" and paired["greedy"]["paired_seeds"] == "2"
+    assert float(paired["greedy"]["diff_vs_best_other"]) == pytest.approx(mean, abs=1e-12)
+    assert float(paired["greedy"]["minus_full"]) == pytest.approx(mean, abs=1e-12)
+    assert float(paired["full"]["minus_greedy"]) == pytest.approx(-mean, abs=1e-12)
+    if half > 0:
+        assert float(paired["greedy"]["diff_vs_best_other_ci95"]) == pytest.approx(half, abs=1e-12)
+    assert paired["greedy"]["winner"] == str(mean - half > 0)
     width, height = _png_size(out / "comparison.png")
     assert width >= 600 and height >= 300 and (out / "comparison.png").stat().st_size > 10_000
     # Each run trained its own class, with its seed, into its own folder.
@@ -149,3 +163,75 @@ def test_evaluate_trained_vs_base(compared, tmp_path, capsys):
     assert "**agent** (turn 2" in (tmp_path / "eval" / "transcripts_trained.md").read_text()
     assert len((tmp_path / "eval" / "transcripts_base.jsonl").read_text().splitlines()) == 2
     assert "trained - base" in capsys.readouterr().out
+
+
+T2 = 4.302652729911275  # t(0.975, 2): the 95% interval of 3 paired seeds
+
+
+def _summaries(finals: dict[str, list[float]]) -> list[dict]:
+    return [{"policy": label, "seed": seed, "final_reward": value}
+            for label, values in finals.items() for seed, value in enumerate(values)]
+
+
+def test_paired_differences_exact_numbers_and_winner_rule(tmp_path):
+    # k2 has the highest mean, but its paired difference to the best other (full) swings
+    # across seeds: +0.10, +0.13, -0.02. The interval holds 0, so no winner.
+    rows = paired_differences(_summaries({"greedy": [0.40, 0.42, 0.41], "k2": [0.60, 0.65, 0.55],
+                                          "full": [0.50, 0.52, 0.57]}), ["greedy", "k2", "full"])
+    k2 = rows[1]
+    assert k2["policy"] == "k2" and k2["best_other"] == "full" and k2["paired_seeds"] == 3
+    assert k2["diff_vs_best_other"] == pytest.approx(0.07)
+    sd = math.sqrt((0.03**2 + 0.06**2 + 0.09**2) / 2)
+    assert k2["diff_vs_best_other_ci95"] == pytest.approx(T2 * sd / math.sqrt(3), rel=1e-9)
+    # k2 - greedy: 0.20, 0.23, 0.14
+    assert k2["minus_greedy"] == pytest.approx(0.19)
+    assert k2["minus_greedy_ci95"] == pytest.approx(
+        T2 * math.sqrt((0.01**2 + 0.04**2 + 0.05**2) / 2) / math.sqrt(3), rel=1e-9)
+    assert [r["winner"] for r in rows] == [False, False, False]
+    # greedy and full are compared with the best other by mean: k2.
+    assert rows[0]["best_other"] == "k2" and rows[0]["diff_vs_best_other"] == pytest.approx(-0.19)
+    assert rows[2]["best_other"] == "k2" and rows[2]["diff_vs_best_other"] == pytest.approx(-0.07)
+
+    # Steadier pairs: +0.10, +0.10, +0.05; mean 0.0833, half-width 0.0717: the interval
+    # [0.012, 0.155] excludes 0, so k2 is the winner, and only k2.
+    rows = paired_differences(_summaries({"greedy": [0.40, 0.42, 0.41], "k2": [0.60, 0.65, 0.55],
+                                          "full": [0.50, 0.55, 0.50]}), ["greedy", "k2", "full"])
+    k2 = rows[1]
+    half = T2 * math.sqrt((2 * (0.05 / 3) ** 2 + (0.1 / 3) ** 2) / 2) / math.sqrt(3)
+    assert k2["diff_vs_best_other"] == pytest.approx(0.25 / 3)
+    assert k2["diff_vs_best_other_ci95"] == pytest.approx(half, rel=1e-9)
+    assert half == pytest.approx(0.07172, abs=1e-5)
+    assert [r["winner"] for r in rows] == [False, True, False]
+    assert "k2 - full: 0.083 ± 0.072 (3 paired seeds)  <- winner (interval excludes 0)" in \
+        format_paired(rows).splitlines()
+    assert "winner" not in format_paired(rows).splitlines()[2]
+
+    # The CSV: one row per class, every pairwise difference as minus_<other> with its _ci95.
+    write_csv(rows, tmp_path / "comparison_paired.csv")
+    header = (tmp_path / "comparison_paired.csv").read_text().splitlines()[0]
+    assert header == ("policy,best_other,paired_seeds,diff_vs_best_other,diff_vs_best_other_ci95,"
+                      "winner,minus_k2,minus_k2_ci95,minus_full,minus_full_ci95,minus_greedy,"
+                      "minus_greedy_ci95")
+    table = _rows(tmp_path / "comparison_paired.csv")
+    assert [row["winner"] for row in table] == ["False", "True", "False"]
+    assert table[0]["minus_greedy"] == "" and float(table[2]["minus_greedy"]) == pytest.approx(0.32 / 3)
+
+
+def test_paired_differences_pair_only_shared_seeds_and_need_two():
+    # full lacks seed 2: the pairs are seeds 0 and 1 only (diffs 0.1 and 0.2).
+    summaries = _summaries({"k2": [0.6, 0.7, 0.1], "full": [0.5, 0.5]})
+    k2, full = paired_differences(summaries, ["k2", "full"])
+    assert k2["paired_seeds"] == 2 and k2["diff_vs_best_other"] == pytest.approx(0.15)
+    assert k2["diff_vs_best_other_ci95"] == pytest.approx(12.706204736 * 0.0707107 / math.sqrt(2),
+                                                          rel=1e-6)
+    assert full["diff_vs_best_other"] == pytest.approx(-0.15)
+    # One seed: no interval, so never a winner however large the difference.
+    one = paired_differences(_summaries({"k2": [0.9], "full": [0.1]}), ["k2", "full"])
+    assert one[0]["diff_vs_best_other"] == pytest.approx(0.8)
+    assert math.isnan(one[0]["diff_vs_best_other_ci95"]) and one[0]["winner"] is False
+    # Identical per-seed differences: zero width, still a winner when above 0.
+    same = paired_differences(_summaries({"k2": [0.6, 0.7], "full": [0.5, 0.6]}), ["k2", "full"])
+    assert same[0]["diff_vs_best_other_ci95"] == pytest.approx(0.0, abs=1e-12)
+    assert same[0]["winner"] is True and same[1]["winner"] is False
+    # A single class has nothing to be paired with.
+    assert paired_differences(_summaries({"k2": [0.6, 0.7]}), ["k2"]) == [{"policy": "k2"}]
