@@ -2,7 +2,9 @@
 
 from ppg.rollout.batch import Rollout, RolloutBatch, collate_rollouts, turn_logprobs
 from ppg.rollout.engine import RolloutEngine, RolloutStats, rollout_from_messages
-from ppg.rollout.samplers.base import Sampling
+from ppg.rollout.samplers.base import SampledTurn, Sampler, SamplerError, Sampling
+from ppg.rollout.samplers.hf import HFSampler
 
-__all__ = ["Rollout", "RolloutBatch", "RolloutEngine", "RolloutStats", "Sampling",
+__all__ = ["HFSampler", "Rollout", "RolloutBatch", "RolloutEngine", "RolloutStats", "SampledTurn",
+           "Sampler", "SamplerError", "Sampling",
            "collate_rollouts", "rollout_from_messages", "turn_logprobs"]

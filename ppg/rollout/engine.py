@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 from ppg.judges.base import Judge
 from ppg.models.cpu.memory import trim_heap
 from ppg.rollout.batch import Rollout
-from ppg.rollout.samplers.base import Sampling, stop_token_ids
-from ppg.rollout.samplers.hf import TurnByTurnSampler, sample_continuations
+from ppg.rollout.samplers.base import SampledTurn, Sampler, Sampling, stop_token_ids
+from ppg.rollout.samplers.hf import HFSampler
 from ppg.rollout.users import ScriptedUser, UserSimulator
 from ppg.types import Context, JudgeRequest
 
@@ -83,15 +83,17 @@ class RolloutEngine:
     """Plays ``n_turns`` agent turns for a batch of contexts (``group_size`` rollouts each).
 
     All live conversations generate together each turn; conversations whose user ended them, or
-    that would exceed ``max_context_tokens``, drop out and their later turns are masked. With
-    ``reuse_cache`` the agent's KV cache is kept from turn to turn, so each turn encodes only the
-    new user reply instead of the whole history.
+    that would exceed ``max_context_tokens``, leave the generation batch and their later turns
+    are masked. The ``sampler`` (default: ``HFSampler`` on the policy) produces the agent's
+    tokens and their log-probs; with ``reuse_cache`` it may keep per-conversation state between
+    turns (the HF sampler's KV cache: each turn encodes only the new user reply). A judge with
+    ``needs_reply`` scores turn t after the user's answer to it.
     """
 
     def __init__(self, policy, tokenizer, judge: Judge, user: UserSimulator | None = None,
                  n_turns: int = 4, sampling: Sampling | None = None, group_size: int = 4,
                  batch_size: int = 32, max_context_tokens: int = 2048, progress: bool = True,
-                 reuse_cache: bool = True):
+                 reuse_cache: bool = True, sampler: Sampler | None = None):
         if n_turns < 1:
             raise ValueError(f"n_turns must be >= 1, got {n_turns}")
         if group_size < 1:
@@ -99,6 +101,8 @@ class RolloutEngine:
         self.policy, self.tokenizer, self.judge = policy, tokenizer, judge
         self.user = user or ScriptedUser()
         self.user.bind(policy, tokenizer)
+        self.sampler = sampler or HFSampler()
+        self.sampler.bind(policy, tokenizer)
         self.n_turns, self.group_size, self.batch_size = n_turns, group_size, batch_size
         self.sampling = sampling or Sampling()
         self.max_context_tokens = max_context_tokens
@@ -133,45 +137,53 @@ class RolloutEngine:
         for state in states:
             state.token_ids = self.segments.opening(state.context)
             state.action_turn = [-1] * len(state.token_ids)
-        sampler = TurnByTurnSampler(self.policy, self.tokenizer, self.sampling) if self.reuse_cache else None
-        additions = {i: state.token_ids for i, state in enumerate(states)}
+            state.sampler_logprobs = [0.0] * len(state.token_ids)
+        self.sampler.reset()
         live = list(range(len(states)))
-        for turn in range(n):
-            live = [i for i in live if len(states[i].token_ids) + self.sampling.max_new_tokens
-                    <= self.max_context_tokens]
-            if not live:
-                bar.update(n - turn)
-                break
-            actions = self._agent_turn(states, live, turn, additions, sampler)
-            self._score(states, live, turn)
-            replies = self._user_turn(states, live, turn) if turn < n - 1 else [None] * len(live)
-            additions = self._close_turn(states, live, actions, replies)
-            live = [i for i, reply in zip(live, replies) if reply is not None]
-            bar.update(1)
+        try:
+            for turn in range(n):
+                live = [i for i in live if len(states[i].token_ids) + self.sampling.max_new_tokens
+                        <= self.max_context_tokens]
+                if not live:
+                    bar.update(n - turn)
+                    break
+                actions = self._agent_turn(states, live, turn)
+                if getattr(self.judge, "needs_reply", False):
+                    replies = self._user_turn(states, live, turn) if turn < n - 1 else [None] * len(live)
+                    self._score(states, live, turn, replies)
+                else:
+                    self._score(states, live, turn)
+                    replies = self._user_turn(states, live, turn) if turn < n - 1 else [None] * len(live)
+                self._close_turn(states, live, actions, replies)
+                live = [i for i, reply in zip(live, replies) if reply is not None]
+                bar.update(1)
+        finally:
+            self.sampler.reset()  # frees the sampler's per-conversation state (KV caches)
         return states
 
-    def _agent_turn(self, states, live, turn: int, additions, sampler) -> list[list[int]]:
-        """Sample the agent's tokens for the live conversations and record them."""
+    def _agent_turn(self, states, live, turn: int) -> list[SampledTurn]:
+        """Sample the agent's tokens for the live conversations and record them verbatim."""
         started = time.perf_counter()
-        if sampler is not None:
-            sampled = sampler.sample([additions.get(i, []) for i in range(len(states))])
-            actions = [sampled[i] for i in live]
-        else:
-            actions = sample_continuations(self.policy, self.tokenizer,
-                                           [states[i].token_ids for i in live], self.sampling)
+        actions = self.sampler.sample([states[i].token_ids for i in live], self.sampling,
+                                      keys=live if self.reuse_cache else None)
         self.stats.agent_seconds += time.perf_counter() - started
-        self.stats.agent_tokens += sum(len(a) for a in actions)
-        for i, tokens in zip(live, actions):
-            state = states[i]
+        self.stats.agent_tokens += sum(len(a.token_ids) for a in actions)
+        for i, action in zip(live, actions):
+            state, tokens = states[i], action.token_ids
+            if len(action.logprobs) != len(tokens):
+                raise ValueError(f"{type(self.sampler).__name__} returned {len(action.logprobs)} "
+                                 f"log-probs for {len(tokens)} tokens")
             state.token_ids = state.token_ids + tokens
             state.action_turn = state.action_turn + [turn] * len(tokens)
+            state.sampler_logprobs = state.sampler_logprobs + [float(x) for x in action.logprobs]
             state.messages.append(("assistant", self.tokenizer.decode(tokens, skip_special_tokens=True).strip()))
             state.turn_mask[turn] = True
         return actions
 
-    def _score(self, states, live, turn: int) -> None:
-        requests = [JudgeRequest(states[i].context, states[i].messages[:-1], states[i].messages[-1][1], turn)
-                    for i in live]
+    def _score(self, states, live, turn: int, replies: list[str | None] | None = None) -> None:
+        replies = replies or [None] * len(live)
+        requests = [JudgeRequest(states[i].context, states[i].messages[:-1], states[i].messages[-1][1], turn,
+                                 reply=reply) for i, reply in zip(live, replies)]
         started = time.perf_counter()
         scores = self.judge.score(requests)
         self.stats.judge_seconds += time.perf_counter() - started
@@ -186,21 +198,20 @@ class RolloutEngine:
         self.stats.user_seconds += time.perf_counter() - started
         return replies
 
-    def _close_turn(self, states, live, actions, replies) -> dict[int, list[int]]:
-        """Append each turn's closing and the user's reply; returns the tokens added per row."""
+    def _close_turn(self, states, live, actions, replies) -> None:
+        """Append each turn's closing and the user's reply (prompt tokens for the next turn)."""
         stops = set(stop_token_ids(self.tokenizer))
-        additions = {}
-        for i, tokens, reply in zip(live, actions, replies):
-            state = states[i]
+        for i, action, reply in zip(live, actions, replies):
+            state, tokens = states[i], action.token_ids
             stop_text = self.tokenizer.decode(tokens[-1:]) if tokens and tokens[-1] in stops else None
             piece = self.segments.after_agent(reply, stop_text)
             state.token_ids = state.token_ids + piece
             state.action_turn = state.action_turn + [-1] * len(piece)
-            additions[i] = piece
+            state.sampler_logprobs = state.sampler_logprobs + [0.0] * len(piece)
             if reply is not None:
                 self.stats.user_tokens += len(self.segments.encode(reply))
                 state.messages.append(("user", reply))
-        return additions
+
 
 def rollout_from_messages(tokenizer, context: Context, messages: list[tuple[str, str]],
                           rewards: list[float], turn_mask: list[bool] | None = None,
