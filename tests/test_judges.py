@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PERSONA = ["I have two dogs.", "I work as a nurse at the city hospital.", "I love baking bread."]
 
 RULES_MODULE = '''
+from ppg.judges import Judge
 from ppg.judges.rule import RuleJudge
 
 def half(request):
@@ -24,6 +25,20 @@ def too_big(request):
 
 def keyword_judge():
     return RuleJudge(keywords=["dog", "cat"])
+
+
+class HistoryJudge(Judge):
+    """0 when the line says "never" after an earlier agent line, NaN (no verdict) for "only"."""
+
+    stats = {"parse_failures": 3}
+
+    def score(self, requests):
+        return [float("nan") if "only" in r.line else float(not ("never" in r.line and r.turn > 0))
+                for r in requests]
+
+
+def history_judge():
+    return HistoryJudge()
 '''
 
 
@@ -234,6 +249,34 @@ def test_packaged_labelled_set_is_balanced():
     counts = {label: sum(row["label"] == label for row in rows) for label in LABELS}
     assert len(set(counts.values())) == 1
     assert all(row["persona"] and row["line"] for row in rows)
+
+
+def test_packaged_line_to_line_set_is_balanced_pairs():
+    from ppg.commands.judge_eval import LABELLED_SETS, load_labelled
+
+    rows = load_labelled(LABELLED_SETS["line_to_line"])
+    assert len(rows) >= 30 and sum(row["label"] == "consistent" for row in rows) == len(rows) // 2
+    for good, bad in zip(rows[::2], rows[1::2]):  # each history once with each label
+        assert (good["label"], bad["label"]) == ("consistent", "contradicting")
+        assert good["history"] == bad["history"] and good["persona"] == bad["persona"]
+        assert sum(role == "assistant" for role, _ in good["history"]) >= 2
+        assert [role for role, _ in good["history"]][:2] == ["user", "assistant"]
+
+
+def test_judge_eval_line_to_line_leaves_out_unscored(rules_module, capsys):
+    import ppg.commands.judge_eval as judge_eval_module
+    from ppg.commands.judge_eval import LABELLED_SETS, load_labelled
+
+    report = judge_eval_module.judge_eval(judges=[f"{rules_module}.history_judge"], labelled="line_to_line")
+    metrics = report["judges"][f"{rules_module}.history_judge"]
+    rows = load_labelled(LABELLED_SETS["line_to_line"])
+    unscored = sum("only" in row["line"] for row in rows)
+    assert unscored > 0 and metrics["unscored"] == unscored
+    assert metrics["overall"]["n"] == len(rows) - unscored
+    assert metrics["mean"]["off_topic"] is None and metrics["stats"] == {"parse_failures": 3}
+    assert f"{unscored} line(s) without a readable verdict were left out" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="labelled must be one of persona_lines, line_to_line"):
+        judge_eval_module.judge_eval(judges=["embedding"], labelled="lines")
 
 
 def test_judge_eval_validation(tmp_path):

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from ppg.commands.compare.run import csv_logger_arg, run_cli, write_json
-from ppg.commands.compare.stats import write_csv
+from ppg.commands.compare.stats import mean_ci, write_csv
 
 
 def _resolve_ckpt(ckpt: str) -> Path:
@@ -37,14 +37,77 @@ def _turn_means(rollouts) -> tuple[float, list[float]]:
             [s / c if c else math.nan for s, c in zip(sums, counts)])
 
 
+def _metric_rows(label: str, metric: str, per_turn: list[list[float]]) -> list[dict]:
+    """Mean and 95% t-interval half-width per turn and over all turns (``[conversation][turn]``
+    values; NaN = no value, counted as ``unscored`` when the turn happened)."""
+    rows = []
+    n_turns = max(len(values) for values in per_turn)
+    columns = [[values[t] for values in per_turn if t < len(values)] for t in range(n_turns)]
+    pooled = [[v for v in values if math.isfinite(v)] for values in per_turn]
+    for turn, values in [*enumerate(columns), ("all", [sum(v) / len(v) for v in pooled if v])]:
+        mean, half = mean_ci(values)
+        rows.append({"model": label, "metric": metric, "turn": turn, "mean": mean, "ci95": half,
+                     "n": sum(math.isfinite(v) for v in values)})
+    return rows
+
+
+def _consistency_metrics(judge_files: list[str], rollouts: dict, out_dir: Path) -> list[dict]:
+    """Held-out conversations scored by each evaluation judge; rows for evaluation_metrics.csv."""
+    from ppg.judges.rescore import load_judge, score_transcripts
+
+    rows, scores = [], {label: {} for label in rollouts}
+    for path in judge_files:
+        judge = load_judge(path)
+        if hasattr(judge, "on_parse_failure"):
+            judge.on_parse_failure = "nan"  # evaluation counts unreadable verdicts instead of stopping
+        metric = getattr(judge, "metric", "") or Path(path).stem
+        for label, label_rollouts in rollouts.items():
+            per_turn = score_transcripts(judge, label_rollouts)
+            scores[label][metric] = per_turn
+            happened = sum(sum(r.turn_mask) for r in label_rollouts)
+            unscored = happened - sum(math.isfinite(v) for values in per_turn for v in values)
+            rows += [{**row, "unscored": unscored if row["turn"] == "all" else ""}
+                     for row in _metric_rows(label, metric, per_turn)]
+        # trained - base, paired by conversation (same held-out context, same sampling seed)
+        differences = [[a - b for a, b in zip(x, y)] for x, y in
+                       zip(scores["trained"][metric], scores["base"][metric])]
+        rows += [{**row, "unscored": ""} for row in _metric_rows("trained - base", metric, differences)]
+    for label, label_rollouts in rollouts.items():
+        with (out_dir / f"transcripts_{label}.jsonl").open("w") as handle:
+            for i, rollout in enumerate(label_rollouts):
+                record = {**rollout.to_json(), "eval_rewards": {m: s[i] for m, s in scores[label].items()}}
+                handle.write(json.dumps(record) + "\n")
+    return rows
+
+
+def _print_metrics(rows: list[dict]) -> None:
+    for metric in dict.fromkeys(row["metric"] for row in rows):
+        chosen = [row for row in rows if row["metric"] == metric]
+        turns = list(dict.fromkeys(row["turn"] for row in chosen))
+        print(f"{metric:<15} " + "  ".join(f"{'turn' + str(t) if t != 'all' else 'all':>13}" for t in turns))
+        for label in dict.fromkeys(row["model"] for row in chosen):
+            cells = {row["turn"]: row for row in chosen if row["model"] == label}
+            line = "  ".join(f"{cells[t]['mean']:>6.3f} ± {cells[t]['ci95']:<5.3f}" for t in turns)
+            unscored = cells["all"]["unscored"]
+            print(f"{label:<15} {line}" + (f"  ({unscored} unscored)" if unscored else ""))
+
+
 def evaluate(config: list[str], ckpt: str, out: str = "runs/evaluate", contexts: int = 16,
-             seed: int = 0, overrides: list[str] | None = None) -> dict:
+             seed: int = 0, overrides: list[str] | None = None,
+             eval_judges: list[str] | None = None) -> dict:
     """Held-out rewards of the trained adapters and of the base model, per turn, with transcripts.
 
     Runs ``ppg validate`` twice on the same ``contexts`` held-out contexts and sampling seed:
     once with the checkpoint's LoRA adapters and once with fresh adapters (LoRA's B starts at
     zero, so that is exactly the base model). Writes ``<out>/evaluation.csv``,
     ``<out>/evaluation.json`` and ``<out>/transcripts_{trained,base}.{md,jsonl}``.
+
+    With ``eval_judges`` both sets of conversations are graded again by each of those judges
+    (configured apart from the training judge, e.g. ``configs/judge/prompt_to_line.yaml``
+    ``line_to_line.yaml`` ``qa.yaml`` with a stronger judge model): per turn and overall, the
+    mean with its 95% t-interval for trained, base and trained - base (paired by conversation),
+    in ``<out>/evaluation_metrics.csv`` and the JSON; per-turn values go into the transcripts'
+    ``eval_rewards``. Unreadable verdicts are left out and counted (``unscored``).
 
     Args:
         config: the config(s) the checkpoint was trained with.
@@ -54,6 +117,8 @@ def evaluate(config: list[str], ckpt: str, out: str = "runs/evaluate", contexts:
         seed: seed of context choice and sampling (the same for both models).
         overrides: extra ``ppg validate`` arguments (repeatable), e.g.
             ``--overrides --data.init_args.sampling.temperature=0.7``.
+        eval_judges: judge config files (a ``data.init_args.judge`` config or a bare
+            ``class_path``/``init_args``) that grade the held-out conversations afterwards.
     """
     import torch
 
@@ -67,7 +132,7 @@ def evaluate(config: list[str], ckpt: str, out: str = "runs/evaluate", contexts:
     ckpt_path = _resolve_ckpt(ckpt)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results, all_rollouts = {}, {}
     for label in ("trained", "base"):
         shutil.rmtree(out_dir / label, ignore_errors=True)
         args = ["validate"]
@@ -85,7 +150,7 @@ def evaluate(config: list[str], ckpt: str, out: str = "runs/evaluate", contexts:
             if unknown:
                 raise ValueError(f"checkpoint {str(ckpt_path)!r} does not match the configured model: "
                                  f"unexpected {unknown[0]}")
-        rollouts = cli.datamodule.last_eval_rollouts
+        rollouts = all_rollouts[label] = cli.datamodule.last_eval_rollouts
         mean, turns = _turn_means(rollouts)
         results[label] = {"reward_mean": mean, "reward_turns": turns, "conversations": len(rollouts)}
         (out_dir / f"transcripts_{label}.jsonl").write_text(
@@ -106,5 +171,12 @@ def evaluate(config: list[str], ckpt: str, out: str = "runs/evaluate", contexts:
         cells = "  ".join(f"{k} {v:+.3f}" if row["model"] == "trained - base" else f"{k} {v:.3f}"
                           for k, v in row.items() if k != "model")
         print(f"{row['model']:<15} {cells}")
+    if eval_judges:
+        metrics = _consistency_metrics(list(eval_judges), all_rollouts, out_dir)
+        results["metrics"] = metrics
+        write_json(out_dir / "evaluation.json", results)
+        write_csv(metrics, out_dir / "evaluation_metrics.csv")
+        _print_metrics(metrics)
+        print(f"wrote {out_dir / 'evaluation_metrics.csv'}")
     print(f"wrote {out_dir / 'evaluation.csv'} and transcripts in {out_dir}")
     return results
