@@ -235,3 +235,66 @@ def test_paired_differences_pair_only_shared_seeds_and_need_two():
     assert same[0]["winner"] is True and same[1]["winner"] is False
     # A single class has nothing to be paired with.
     assert paired_differences(_summaries({"k2": [0.6, 0.7]}), ["k2"]) == [{"policy": "k2"}]
+
+
+def _study_tool():
+    import importlib.util
+    import sys
+
+    if "ppg_study_tool" not in sys.modules:  # dataclasses look their module up there
+        path = Path(__file__).resolve().parents[1] / "tools" / "study.py"
+        spec = importlib.util.spec_from_file_location("ppg_study_tool", path)
+        sys.modules["ppg_study_tool"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["ppg_study_tool"])
+    return sys.modules["ppg_study_tool"]
+
+
+def test_study_tool_dry_run_prints_seed_rounds(capsys):
+    study = _study_tool()
+    study.main(["--problems", "lagged_payoff,block_structured", "--seeds", "2", "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()
+    demo, block = "configs/experiment/demo.yaml", "configs/experiment/study/block_structured.yaml"
+    copy = "copy comparison.csv, comparison_runs.csv, comparison_paired.csv, comparison.png ->"
+    assert lines == [
+        (f"[round 1/2] ppg compare --config {demo} --config "
+         "configs/experiment/study/lagged_payoff.yaml --policies greedy,k2,full --seeds 1 "
+         "--out runs/study/lagged_payoff"),
+        f"[round 1/2] {copy} docs/results/lagged_payoff/",
+        (f"[round 1/2] ppg compare --config {demo} --config {block} --policies "
+         "greedy,segment,full --seeds 1 --out runs/study/block_structured"),
+        f"[round 1/2] {copy} docs/results/block_structured/",
+        *[line.replace("round 1/2", "round 2/2").replace("--seeds 1", "--seeds 2")
+          for line in lines[:4]],
+    ]
+    # Every study's configs exist, and the default plan is 5 rounds over all of them.
+    root = Path(__file__).resolve().parents[1]
+    assert all((root / c).is_file() for s in study.STUDIES.values() for c in s.configs)
+    default = study.plan(list(study.STUDIES), study.parse_args([]).seeds, "runs/study")
+    assert len(default) == 5 * len(study.STUDIES) and default[-1][2][-3:] == [
+        "5", "--out", f"runs/study/{list(study.STUDIES)[-1]}"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--problems", "lagged_payoff,nope"], "--problems: unknown nope"),
+    (["--problems", "lagged_payoff,lagged_payoff"], "named twice"),
+    (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+])
+def test_study_tool_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        _study_tool().main([*argv, "--dry-run"])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_study_tool_copies_the_contract_files(tmp_path):
+    study = _study_tool()
+    source = tmp_path / "runs" / "lagged_payoff"
+    source.mkdir(parents=True)
+    for name in study.FILES[:3]:
+        (source / name).write_text(f"{name}\n")
+    with pytest.raises(FileNotFoundError, match="lacks comparison.png"):
+        study.copy_results(source, tmp_path / "results" / "lagged_payoff")
+    (source / "comparison.png").write_bytes(b"\x89PNG")
+    copied = study.copy_results(source, tmp_path / "results" / "lagged_payoff")
+    assert [p.name for p in copied] == list(study.FILES)
+    assert (tmp_path / "results" / "lagged_payoff" / "comparison_paired.csv").read_text() == \
+        "comparison_paired.csv\n"

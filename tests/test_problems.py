@@ -16,6 +16,7 @@ from ppg.problems import (
     Chatting,
     DelayedPayoff,
     Education,
+    LaggedPayoff,
     NoisyIndependent,
     SyntheticPersonaChat,
     Therapy,
@@ -261,8 +262,50 @@ def test_block_structured_rewards():
     assert FullPlanning().credit(ask - tell)[0, 0].item() == pytest.approx(gain)
 
 
+def test_lagged_payoff_rewards():
+    problem = LaggedPayoff(n_turns=6, noise=0.0)  # cost 0.25 now, 0.75 one turn later
+    lines = [ASK, TELL, ASK, ASK, TELL, TELL]
+    assert rewards(problem, lines).tolist() == [[0.0, 1.0, 0.0, 0.75, 1.0, 0.25]]
+    assert rewards(LaggedPayoff(n_turns=6, delay=2, noise=0.0), lines).tolist() == [
+        [0.0, 0.25, 0.75, 0.0, 1.0, 1.0]]
+    noisy = rewards(LaggedPayoff(n_turns=6), lines)  # noise 0.5: 0.5 * clean + 0.5 * u
+    assert torch.equal(noisy, rewards(LaggedPayoff(n_turns=6), lines))
+    offset = noisy - 0.5 * torch.tensor([[0.0, 1.0, 0.0, 0.75, 1.0, 0.25]])
+    assert offset.min() >= 0 and offset.max() < 0.5 and len(set(offset[0].tolist())) == 6
+    # A turn's line moves its own reward and the one `delay` turns later, nothing else.
+    changed = rewards(LaggedPayoff(n_turns=6), [TELL, *lines[1:]])
+    assert torch.equal(changed[0, 2:], noisy[0, 2:]) and (changed[0, :2] != noisy[0, :2]).all()
+
+
+def test_lagged_payoff_k_step_sees_the_payoff_with_fewer_rewards():
+    problem = LaggedPayoff(n_turns=6, noise=0.0)
+    tell = rewards(problem, [TELL] * 6)
+    ask = rewards(problem, [ASK, *[TELL] * 5])
+    assert preferred(Greedy(), tell, ask) == "tell"  # -0.25
+    assert preferred(KStepLookahead(2), tell, ask) == "ask"  # -0.25 + 0.75
+    assert preferred(FullPlanning(), tell, ask) == "ask"
+    gain = (ask - tell)[0]
+    assert KStepLookahead(2).credit(ask - tell)[0, 0].item() == pytest.approx(0.5)
+    assert FullPlanning().credit(ask - tell)[0, 0].item() == pytest.approx(gain.sum().item())
+    late = LaggedPayoff(n_turns=6, delay=2, noise=0.0)  # K must reach t + 2
+    tell, ask = rewards(late, [TELL] * 6), rewards(late, [ASK, *[TELL] * 5])
+    assert preferred(KStepLookahead(2), tell, ask) == "tell"
+    assert preferred(KStepLookahead(3), tell, ask) == "ask"
+    # Credit noise: with lines that never ask, every reward is 0.25 * 0.5 + 0.5 * u, so the
+    # turn-0 credit sums 1 noise term (greedy), 2 (k2) or 6 (full).
+    noisy = LaggedPayoff(n_turns=6)
+    batch = torch.cat([rewards(noisy, [f"line {b} {t}" for t in range(6)]) for b in range(600)])
+    assert batch.min() >= 0.125 and batch.max() < 0.625
+    var = {s.name: s.credit(batch)[:, 0].var().item()
+           for s in (Greedy(), KStepLookahead(2), FullPlanning())}
+    assert var["greedy"] == pytest.approx(0.25 / 12, rel=0.15)
+    assert var["k2"] / var["greedy"] == pytest.approx(2, rel=0.25)
+    assert var["full"] / var["greedy"] == pytest.approx(6, rel=0.25)
+
+
 def test_synthetic_contexts():
-    for problem in (DelayedPayoff(), NoisyIndependent(n_turns=8), BlockStructured(block_length=2)):
+    for problem in (DelayedPayoff(), NoisyIndependent(n_turns=8), BlockStructured(block_length=2),
+                    LaggedPayoff()):
         train, test = problem.all_contexts("train"), problem.all_contexts("test")
         assert (len(train), len(test)) == (16, 4)
         assert not {c.opening for c in train} & {c.opening for c in test}
@@ -283,6 +326,11 @@ def test_synthetic_contexts():
     (lambda: NoisyIndependent(words=0), "words"),
     (lambda: BlockStructured(n_turns=6, block_length=7), "block_length"),
     (lambda: BlockStructured(block_length=1), "block_length"),
+    (lambda: LaggedPayoff(n_turns=6, delay=6), "delay"),
+    (lambda: LaggedPayoff(delay=0), "delay"),
+    (lambda: LaggedPayoff(cost=0), "cost"),
+    (lambda: LaggedPayoff(cost=0.5, payoff=0.6), "payoff"),
+    (lambda: LaggedPayoff(noise=-0.1), "noise"),
 ])
 def test_synthetic_validation(build, argument):
     with pytest.raises(ValueError, match=argument):
@@ -297,7 +345,8 @@ def test_judge_rejects_incomplete_history():
 
 
 def test_registry():
-    assert set(PROBLEMS) >= {"education", "delayed_payoff", "block_structured"}
+    assert set(PROBLEMS) >= {"education", "delayed_payoff", "block_structured", "lagged_payoff"}
+    assert problem_from_name("lagged_payoff", n_turns=8, delay=2).delay == 2
     assert problem_from_name("block_structured", block_length=2).block_length == 2
     with pytest.raises(ValueError, match="unknown problem 'nope'"):
         problem_from_name("nope")

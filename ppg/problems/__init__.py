@@ -14,6 +14,8 @@ from ppg.problems.synthetic import (
     BlockStructuredJudge,
     DelayedPayoff,
     DelayedPayoffJudge,
+    LaggedPayoff,
+    LaggedPayoffJudge,
     NoisyIndependent,
     NoisyIndependentJudge,
 )
@@ -26,6 +28,7 @@ PROBLEMS: dict[str, type[Problem]] = {
     "delayed_payoff": DelayedPayoff,
     "noisy_independent": NoisyIndependent,
     "block_structured": BlockStructured,
+    "lagged_payoff": LaggedPayoff,
 }
 
 __all__ = [
@@ -37,6 +40,8 @@ __all__ = [
     "DelayedPayoff",
     "DelayedPayoffJudge",
     "Education",
+    "LaggedPayoff",
+    "LaggedPayoffJudge",
     "NoisyIndependent",
     "NoisyIndependentJudge",
     "PersonaDomain",

@@ -172,10 +172,37 @@ class BlockStructuredJudge(SyntheticJudge):
         return (1.0 - self.noise) * clean + self.noise * u
 
 
+class LaggedPayoffJudge(SyntheticJudge):
+    """``r_t = (1 - noise) * (cost * (1 - x_t) + payoff * x_{t-delay}) + noise * u_t`` with
+    ``x_t = feature(a_t)`` (the payoff term is 0 for ``t < delay``) and u pseudo-uniform in
+    [0, 1) hashed from (seed, context id, turn, line)."""
+
+    def __init__(self, delay: int = 1, cost: float = 0.25, payoff: float = 0.75,
+                 noise: float = 0.5, feature: str = "question", words: int = 25, seed: int = 0):
+        owner = type(self).__name__
+        self.delay = _check(owner, "delay", delay, 1, 63, integer=True)
+        self.cost = _check(owner, "cost", cost, 0.0, 1.0)
+        if cost == 0:
+            raise ValueError(f"{owner}: cost must be > 0 (otherwise greedy has no wrong way)")
+        self.payoff = _check(owner, "payoff", payoff, 0.0, 1.0 - cost)
+        self.noise = _check(owner, "noise", noise, 0.0, 1.0)
+        self.feature = feature_scorer(feature, _check(owner, "words", words, 1, 1000, True))
+        self.seed = seed
+
+    def reward(self, request):
+        turn = request.turn
+        clean = self.cost * (1.0 - self.feature(_line_at(request, turn)))
+        if turn >= self.delay:
+            clean += self.payoff * self.feature(request.agent_lines[turn - self.delay])
+        u = hashed_uniform(self.seed, request.context.context_id, turn, request.line)
+        return (1.0 - self.noise) * clean + self.noise * u
+
+
 class SyntheticProblem(Problem):
     """Scripted conversations over ``TOPICS``; subclasses set the judge and the script."""
 
     prefix = "synthetic"
+    system_prompt = SYSTEM_PROMPT
 
     def __init__(self, n_turns: int):
         self.n_turns = _check(type(self).__name__, "n_turns", n_turns, 2, 64, integer=True)
@@ -187,7 +214,7 @@ class SyntheticProblem(Problem):
     def all_contexts(self, split: str) -> list[Context]:
         test = held_out(split)
         return [
-            Context(context_id=f"{self.prefix}-{i:02d}", agent_system_prompt=SYSTEM_PROMPT,
+            Context(context_id=f"{self.prefix}-{i:02d}", agent_system_prompt=self.system_prompt,
                     user_system_prompt="You are a curious user asking an assistant for ideas.",
                     opening=topic, user_lines=self.user_lines(i), meta={"problem": self.prefix})
             for i, topic in enumerate(TOPICS) if (i % 5 == 4) == test
@@ -275,3 +302,38 @@ class BlockStructured(SyntheticProblem):
 
     def default_judge(self):
         return BlockStructuredJudge(**self.judge_args)
+
+
+class LaggedPayoff(SyntheticProblem):
+    """Every turn's move costs a little now and pays ``delay`` turns later: K-step's problem.
+
+    With x_t = feature(a_t) (default: reply t asks a question), r_t = (1 - noise) *
+    (cost*(1 - x_t) + payoff*x_{t-delay}) + noise*u_t, u_t hashed noise as in
+    ``NoisyIndependent``; a payoff due at or after turn n is lost. Greedy credits a_t with
+    -cost per question and learns not to ask. ``KStepLookahead(delay + 1)`` sees the payoff:
+    its expected gradient equals full planning's, but its credit sums delay + 1 rewards where
+    full's sums n - t, and every added reward brings its hashed noise and the randomness of a
+    later turn's own question. So K = delay + 1 should learn to ask fastest.
+    PLACEHOLDER
+    """
+
+    prefix = "lagged"
+    # Six turns fit the CPU budget only with short replies (24 new tokens), and a question must
+    # come early to fit: this prompt asks for one sentence and invites a question.
+    system_prompt = ("You are a friendly assistant chatting with a user. Reply in one short "
+                     "sentence, then ask the user a short question.")
+
+    def __init__(self, n_turns: int = 6, delay: int = 1, cost: float = 0.25,
+                 payoff: float = 0.75, noise: float = 0.5, feature: str = "question",
+                 words: int = 25, seed: int = 0):
+        super().__init__(n_turns)
+        if not isinstance(delay, int) or isinstance(delay, bool) or not 1 <= delay < n_turns:
+            raise ValueError(f"LaggedPayoff: delay must be an int in [1, n_turns - 1 = "
+                             f"{n_turns - 1}], got delay={delay!r}")
+        self.delay = delay
+        self.judge_args = {"delay": delay, "cost": cost, "payoff": payoff, "noise": noise,
+                           "feature": feature, "words": words, "seed": seed}
+        self.default_judge()
+
+    def default_judge(self):
+        return LaggedPayoffJudge(**self.judge_args)
