@@ -4,10 +4,39 @@ Importable from configs in tests (the tests put tests/ on PYTHONPATH of the laun
 """
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+TINY = [
+    "--config", str(CONFIGS / "experiment" / "smoke.yaml"),
+    "--config", str(CONFIGS / "model" / "tiny-random.yaml"),
+    "--data.init_args.rollouts_per_epoch=8", "--data.init_args.group_size=2",
+    "--data.init_args.batch_size=2", "--data.init_args.val_contexts=2",
+    "--data.init_args.sampling.max_new_tokens=6", "--data.init_args.progress=false",
+    "--data.init_args.judge=helpers_for_tests.LengthJudge", "--model.lr=0.01",
+    "--model.micro_batch_size=1", "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+def launch(tmp_path, *args, out: str, name: str) -> None:
+    """``ppg fit`` on the tiny model in a subprocess (``args`` pick the strategy), recording each
+    rank into ``tmp_path/out``; asserts it exits 0."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}
+    command = [sys.executable, "-m", "ppg.cli", "fit", *TINY, *args,
+               f"--trainer.logger.init_args.name={name}",
+               "--trainer.callbacks+=rank_record.RankRecord",
+               f"--trainer.callbacks.init_args.out={out}"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 class RankRecord(L.Callback):
@@ -49,3 +78,13 @@ class RankRecord(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self._write(trainer, pl_module, "end")
+
+
+def record(folder: Path, rank: int, when: str) -> dict:
+    """What ``RankRecord`` wrote for ``rank`` at ``when`` (start or end)."""
+    return torch.load(folder / f"rank{rank}_{when}.pt", weights_only=False)
+
+
+def same(a: dict, b: dict) -> bool:
+    """Same keys, bit-identical tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

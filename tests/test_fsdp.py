@@ -1,39 +1,11 @@
 """FSDP2 (ppg.strategy.FSDP2Strategy): sharding rules in-process, a 2-process fit on CPU (gloo)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from rank_record import CONFIGS, launch, record, same
 
 from ppg.models.sharding import check_shardable, decoder_layers, shard_policy
 from ppg.models.spec import as_spec
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
-TINY = [
-    "--config", str(CONFIGS / "experiment" / "smoke.yaml"),
-    "--config", str(CONFIGS / "model" / "tiny-random.yaml"),
-    "--data.init_args.rollouts_per_epoch=8", "--data.init_args.group_size=2",
-    "--data.init_args.batch_size=2", "--data.init_args.val_contexts=2",
-    "--data.init_args.sampling.max_new_tokens=6", "--data.init_args.progress=false",
-    "--data.init_args.judge=helpers_for_tests.LengthJudge", "--model.lr=0.01",
-    "--model.micro_batch_size=1", "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-]
-
-
-def launch(tmp_path, *args, record: str, name: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    command = [sys.executable, "-m", "ppg.cli", "fit", *TINY, *args,
-               f"--trainer.logger.init_args.name={name}",
-               "--trainer.callbacks+=rank_record.RankRecord",
-               f"--trainer.callbacks.init_args.out={record}"]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_fsdp_refuses_quantized_models_in_one_line():
@@ -54,35 +26,27 @@ def test_fsdp_shards_decoder_layers_only(tiny_spec):
         shard_policy(head, mesh=None)
 
 
-def _record(folder: Path, rank: int, when: str) -> dict:
-    return torch.load(folder / f"rank{rank}_{when}.pt", weights_only=False)
-
-
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_fsdp_two_processes_on_cpu_checkpoint_adapters_only_and_resume(tmp_path):
     fsdp = ["--config", str(CONFIGS / "trainer" / "fsdp.yaml"), "--trainer.accelerator=cpu",
             "--trainer.devices=2"]
-    launch(tmp_path, *fsdp, "--trainer.max_epochs=1", record="first", name="fsdp")
-    first = [_record(tmp_path / "first", rank, "end") for rank in (0, 1)]
+    launch(tmp_path, *fsdp, "--trainer.max_epochs=1", out="first", name="fsdp")
+    first = [record(tmp_path / "first", rank, "end") for rank in (0, 1)]
     # 8 rollouts over 2 ranks, batches of 2: 2 optimizer steps; both ranks end with the same adapters.
     assert [r["global_step"] for r in first] == [2, 2] and first[0]["world_size"] == 2
-    assert _same(first[0]["adapters"], first[1]["adapters"])
-    start = _record(tmp_path / "first", 0, "start")["adapters"]
-    assert not _same(start, first[0]["adapters"])  # it trained
+    assert same(first[0]["adapters"], first[1]["adapters"])
+    start = record(tmp_path / "first", 0, "start")["adapters"]
+    assert not same(start, first[0]["adapters"])  # it trained
     checkpoint = torch.load(tmp_path / "runs" / "fsdp" / "checkpoints" / "last.ckpt", weights_only=False)
     # 2 layers x 7 projections x (A, B), whole tensors (not shards), nothing of the frozen base.
     assert len(checkpoint["state_dict"]) == 28
     assert all("lora_" in key for key in checkpoint["state_dict"])
     assert checkpoint["state_dict"]["policy.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"].shape == (4, 64)
-    assert _same(checkpoint["ppg_adapter"]["state"], first[0]["adapters"])
+    assert same(checkpoint["ppg_adapter"]["state"], first[0]["adapters"])
 
-    launch(tmp_path, *fsdp, "--trainer.max_epochs=2", "--ckpt_path=last", record="resumed", name="fsdp")
+    launch(tmp_path, *fsdp, "--trainer.max_epochs=2", "--ckpt_path=last", out="resumed", name="fsdp")
     for rank in (0, 1):  # resumed from the checkpoint's adapters, then trained one more epoch
-        assert _same(_record(tmp_path / "resumed", rank, "start")["adapters"], first[0]["adapters"])
-    resumed = [_record(tmp_path / "resumed", rank, "end") for rank in (0, 1)]
+        assert same(record(tmp_path / "resumed", rank, "start")["adapters"], first[0]["adapters"])
+    resumed = [record(tmp_path / "resumed", rank, "end") for rank in (0, 1)]
     assert [r["global_step"] for r in resumed] == [4, 4]
-    assert _same(resumed[0]["adapters"], resumed[1]["adapters"])
-    assert not _same(resumed[0]["adapters"], first[0]["adapters"])
+    assert same(resumed[0]["adapters"], resumed[1]["adapters"])
+    assert not same(resumed[0]["adapters"], first[0]["adapters"])

@@ -7,6 +7,7 @@ import time
 import torch
 
 from ppg.models import ModelSpec, as_spec, load_policy
+from ppg.models.spec import resolve_device
 from ppg.rollout.samplers.base import Sampling
 from ppg.rollout.samplers.hf import generate_replies
 
@@ -16,7 +17,7 @@ DEFAULT_PERSONA = ("You are Maya, a 34-year-old marine biologist from Lisbon who
 
 def chat(message: str = "Hi! What do you do for a living?", persona: str = DEFAULT_PERSONA,
          model: ModelSpec | None = None, seed: int = 0, max_new_tokens: int = 48,
-         temperature: float = 0.7) -> str:
+         temperature: float = 0.7, device: str = "auto") -> str:
     """Print one reply of the (quantized) model playing ``persona``.
 
     Args:
@@ -26,9 +27,10 @@ def chat(message: str = "Hi! What do you do for a living?", persona: str = DEFAU
         seed: sampling seed (same seed, same reply).
         max_new_tokens: reply length cap.
         temperature: sampling temperature.
+        device: ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``.
     """
     started = time.perf_counter()
-    policy, tokenizer = load_policy(model)
+    policy, tokenizer = load_policy(model, device=resolve_device(device))
     loaded = time.perf_counter()
     torch.manual_seed(seed)
     conversation = [{"role": "system", "content": persona}, {"role": "user", "content": message}]

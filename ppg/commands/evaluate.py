@@ -92,9 +92,25 @@ def _print_metrics(rows: list[dict]) -> None:
             print(f"{label:<15} {line}" + (f"  ({unscored} unscored)" if unscored else ""))
 
 
+def device_args(device: str) -> list[str]:
+    """``ppg validate`` arguments that put the trainer on ``device`` (one process); ``auto``
+    with no CUDA device keeps the config's trainer."""
+    import torch
+
+    from ppg.models.spec import resolve_device
+
+    if device == "auto" and not torch.cuda.is_available():
+        return []
+    kind = resolve_device(device).type
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return [f"--trainer.accelerator={'gpu' if kind == 'cuda' else 'cpu'}", "--trainer.devices=1",
+            "--trainer.strategy=auto"]
+
+
 def evaluate(config: list[str], ckpt: str, out: str = "runs/evaluate", contexts: int = 16,
              seed: int = 0, overrides: list[str] | None = None,
-             eval_judges: list[str] | None = None) -> dict:
+             eval_judges: list[str] | None = None, device: str = "auto") -> dict:
     """Held-out rewards of the trained adapters and of the base model, per turn, with transcripts.
 
     Runs ``ppg validate`` twice on the same ``contexts`` held-out contexts and sampling seed:
@@ -119,6 +135,8 @@ def evaluate(config: list[str], ckpt: str, out: str = "runs/evaluate", contexts:
             ``--overrides --data.init_args.sampling.temperature=0.7``.
         eval_judges: judge config files (a ``data.init_args.judge`` config or a bare
             ``class_path``/``init_args``) that grade the held-out conversations afterwards.
+        device: where both runs load the model: ``auto`` (one CUDA GPU when available, else
+            the config's trainer), ``cpu`` or ``cuda``.
     """
     import torch
 
@@ -138,7 +156,7 @@ def evaluate(config: list[str], ckpt: str, out: str = "runs/evaluate", contexts:
         args = ["validate"]
         for path in config:
             args += ["--config", path]
-        args += [*(overrides or []), f"--data.init_args.val_contexts={contexts}",
+        args += [*device_args(device), *(overrides or []), f"--data.init_args.val_contexts={contexts}",
                  f"--data.init_args.seed={seed}", f"--seed_everything={seed}",
                  csv_logger_arg(out_dir, label)]
         if label == "trained":

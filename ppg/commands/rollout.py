@@ -8,6 +8,7 @@ from pathlib import Path
 from ppg.judges.base import Judge
 from ppg.models import ModelSpec, load_policy
 from ppg.models.adapters import load_adapters_from_checkpoint
+from ppg.models.spec import resolve_device
 from ppg.problems.base import Problem
 from ppg.rollout import RolloutEngine, Sampling
 from ppg.rollout.users import UserSimulator
@@ -16,7 +17,7 @@ from ppg.rollout.users import UserSimulator
 def rollout(problem: Problem, out: str, model: ModelSpec | None = None, ckpt: str | None = None,
             judge: Judge | None = None, user: UserSimulator | None = None, split: str = "train", contexts: int = 8,
             group_size: int = 1, n_turns: int | None = None, sampling: Sampling | None = None,
-            seed: int = 0) -> None:
+            seed: int = 0, device: str = "auto") -> None:
     """Roll out a policy on a problem and write logged conversations (JSONL) with rewards.
 
     Args:
@@ -32,8 +33,9 @@ def rollout(problem: Problem, out: str, model: ModelSpec | None = None, ckpt: st
         n_turns: agent turns (default: the problem's).
         sampling: sampling settings.
         seed: seed of context choice and sampling.
+        device: ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``.
     """
-    policy, tokenizer = load_policy(model)
+    policy, tokenizer = load_policy(model, device=resolve_device(device))
     if ckpt:
         load_adapters_from_checkpoint(policy, ckpt)
     engine = RolloutEngine(policy, tokenizer, judge or problem.default_judge(), user,

@@ -52,9 +52,12 @@ class LMJudge(Judge):
 
     def __init__(self, model: str | dict = "embedded:smollm2-135m-instruct", quantization: str = "none",
                  question: str = DEFAULT_QUESTION, system: str | None = None, batch_size: int = 8,
-                 device: str = "cpu"):
+                 device: str = "auto"):
+        from ppg.models.spec import resolve_device
+
         check_template(question, "question")
-        self.backend = LocalBackend(model, quantization, batch_size, device)
+        # auto: CUDA when available (the current device at load time: the trainer's), else CPU
+        self.backend = LocalBackend(model, quantization, batch_size, str(resolve_device(device)))
         self.question, self.system = question, system
 
     @classmethod

@@ -10,7 +10,7 @@ import torch
 from ppg.models.cpu.memory import detach_from_checkpoint_file
 from ppg.models.cpu.nf4_layouts import keep_both_nf4_layouts
 from ppg.models.embedded import EMBEDDED_MODELS, SMOLLM2, TINY_RANDOM, embedded_model_dir
-from ppg.models.spec import DTYPES, QUANTIZATIONS, ModelSpec, as_spec
+from ppg.models.spec import QUANTIZATIONS, ModelSpec, as_spec, resolve_device, resolve_dtype
 
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
@@ -81,34 +81,39 @@ def _quantization_config(quantization: str, dtype: torch.dtype):
     return None
 
 
-def load_base_model(spec: ModelSpec | dict | None = None, device: str | torch.device = "cpu"):
-    """The frozen base model of ``spec`` (quantized as asked) and its tokenizer, no adapters."""
+def load_base_model(spec: ModelSpec | dict | None = None, device: str | torch.device = "auto"):
+    """The frozen base model of ``spec`` (quantized as asked) and its tokenizer, no adapters.
+
+    ``device``: ``auto`` is CUDA when available (the current device), else the CPU.
+    """
     from transformers import AutoModelForCausalLM
 
     spec = as_spec(spec)
     if spec.quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {spec.quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
-    if spec.dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {spec.dtype!r}; choose one of {', '.join(DTYPES)}")
-    dtype = DTYPES[spec.dtype]
+    device = resolve_device(device)
+    if device.type == "cuda" and device.index is None:  # device_map needs the index
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = resolve_dtype(spec.dtype, device)
     kind, source = resolve_source(spec.name_or_path)
     tokenizer = load_tokenizer(spec)
     if kind == "embedded" and source == TINY_RANDOM:
         model = tiny_random_llama(tokenizer, seed=spec.seed, dtype=dtype)
         if spec.quantization != "none":
-            model = _quantize_in_memory(model, spec.quantization, dtype)
+            model = _quantize_in_memory(model, spec.quantization, dtype, device)
     else:
         if kind == "embedded":
             source = embedded_model_dir(source)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                source, gguf_file=spec.gguf_file, dtype=dtype, device_map={"": torch.device(device)},
+                source, gguf_file=spec.gguf_file, dtype=dtype, device_map={"": device},
                 quantization_config=_quantization_config(spec.quantization, dtype),
             )
         except OSError as error:
             raise ValueError(f"cannot load model {spec.name_or_path!r}: {_first_line(error)}") from None
         detach_from_checkpoint_file(model)
-    model.to(torch.device(device)) if spec.quantization == "none" else None
+    if spec.quantization == "none":
+        model.to(device)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if spec.quantization == "nf4":
         keep_both_nf4_layouts(model)
@@ -117,7 +122,7 @@ def load_base_model(spec: ModelSpec | dict | None = None, device: str | torch.de
     return model, tokenizer
 
 
-def _quantize_in_memory(model, quantization: str, dtype: torch.dtype):
+def _quantize_in_memory(model, quantization: str, dtype: torch.dtype, device: torch.device):
     """Quantize an in-memory model's Linear layers by a save/reload round trip through a temp dir."""
     import tempfile
 
@@ -129,21 +134,25 @@ def _quantize_in_memory(model, quantization: str, dtype: torch.dtype):
         model.config.save_pretrained(tmp)
         save_model(model, f"{tmp}/model.safetensors", metadata={"format": "pt"})
         return AutoModelForCausalLM.from_pretrained(
-            tmp, dtype=dtype, device_map={"": torch.device("cpu")},
+            tmp, dtype=dtype, device_map={"": device},
             quantization_config=_quantization_config(quantization, dtype),
         )
 
 
-def load_policy(spec: ModelSpec | dict | None = None, device: str | torch.device = "cpu"):
+def load_policy(spec: ModelSpec | dict | None = None, device: str | torch.device = "auto"):
     """Load ``spec`` as a policy: quantized frozen base + trainable LoRA adapters (peft).
 
-    Returns ``(model, tokenizer)``; only LoRA parameters have ``requires_grad``.
+    Returns ``(model, tokenizer)``; only LoRA parameters have ``requires_grad``. They are fp32
+    whatever the base dtype (peft's ``autocast_adapter_dtype``), so under bf16 autocast the
+    adapters and their optimizer state stay fp32.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     spec = as_spec(spec)
     torch.manual_seed(spec.seed)
     model, tokenizer = load_base_model(spec, device)
+    if spec.prepare_kbit and spec.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = spec.lora
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=lora.target_modules, task_type="CAUSAL_LM")

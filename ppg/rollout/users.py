@@ -77,18 +77,39 @@ class SelfPlayUser(_ModelBackedUser):
 
 
 class ModelUser(_ModelBackedUser):
-    """Any other HF causal LM as the user (loaded once, frozen, optionally quantized)."""
+    """Any other HF causal LM as the user (loaded once, frozen, optionally quantized).
 
-    def __init__(self, name_or_path: str, quantization: str = "none", sampling: Sampling | None = None):
+    ``device``: ``auto`` loads it on the policy's device (the trainer's) once the engine has
+    bound it, else on CUDA when available, else the CPU.
+    """
+
+    def __init__(self, name_or_path: str, quantization: str = "none", sampling: Sampling | None = None,
+                 device: str = "auto"):
+        from ppg.models.spec import resolve_device
+
         super().__init__(sampling)
+        resolve_device(device)  # one-line error for a bad name, now
         self.spec = {"name_or_path": name_or_path, "quantization": quantization}
+        self.device = device
+        self._policy_device = None
         self._model = None
+
+    def bind(self, policy, tokenizer):
+        self._policy_device = next(policy.parameters()).device
+
+    def load_device(self):
+        """Where the user model loads: the explicit ``device``, else the bound policy's."""
+        from ppg.models.spec import resolve_device
+
+        if self.device == "auto" and self._policy_device is not None:
+            return self._policy_device
+        return resolve_device(self.device)
 
     def respond(self, contexts, histories, turn):
         if self._model is None:
             from ppg.models import load_base_model
 
-            self._model, self._tokenizer = load_base_model(self.spec)
+            self._model, self._tokenizer = load_base_model(self.spec, device=self.load_device())
         return self._generate(self._model, self._tokenizer, contexts, histories)
 
 

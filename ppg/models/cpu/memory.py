@@ -16,19 +16,22 @@ def trim_heap() -> None:
         pass
 
 
-def detach_from_checkpoint_file(model: torch.nn.Module) -> None:
-    """Copy parameters and buffers still backed by the memory-mapped checkpoint into RAM.
+def detach_from_checkpoint_file(model: torch.nn.Module) -> int:
+    """Copy CPU parameters and buffers still backed by the memory-mapped checkpoint into RAM;
+    returns how many tensors were copied. Tensors on other devices are left alone (loading
+    already copied them off the file).
 
     transformers leaves unquantized tensors (embeddings, norms) as views of the safetensors
-    mmap, which keeps the whole file's pages resident; quantized weights are copies already.
+    mmap, which keeps the whole file's pages resident; quantized weights are copies already
+    (recognised by their bitsandbytes class, without importing bitsandbytes).
     """
-    import bitsandbytes as bnb
-
-    quantized = (bnb.nn.Params4bit, bnb.nn.Int8Params)
+    copied = 0
     with torch.no_grad():
-        for module in model.modules():
-            tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-            for _, tensor in tensors:
-                if tensor is not None and not isinstance(tensor, quantized):
-                    tensor.data = tensor.data.clone()
-    trim_heap()
+        for tensor in [*model.parameters(), *model.buffers()]:  # tied weights once
+            if tensor.device.type != "cpu" or type(tensor).__module__.startswith("bitsandbytes"):
+                continue
+            tensor.data = tensor.data.clone()
+            copied += 1
+    if copied:
+        trim_heap()
+    return copied

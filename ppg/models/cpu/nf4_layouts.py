@@ -18,8 +18,11 @@ import torch
 def keep_both_nf4_layouts(model: torch.nn.Module) -> int:
     """Give every CPU ``Linear4bit`` of ``model`` both layouts; returns how many layers.
 
-    Does nothing (returns 0) where bitsandbytes would not pack, e.g. CPUs without AVX512-BF16.
+    Does nothing (returns 0) off CPU and where bitsandbytes would not pack, e.g. CPUs without
+    AVX512-BF16.
     """
+    if not any(p.device.type == "cpu" for p in model.parameters()):
+        return 0
     import bitsandbytes as bnb
 
     try:
