@@ -1,6 +1,8 @@
-"""The pure helpers of tools/bench.py: FLOPs arithmetic and argument parsing (no model load)."""
+"""tools/bench.py: FLOPs arithmetic (checked against torch's FLOP counter), targets, arguments,
+and the JSON keys of a --quick run on the tiny model."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -62,13 +64,43 @@ def test_rollout_and_batch_flops_ignore_padding_and_trailing_tokens(shape):
     assert bench.batch_train_flops(shape, batch) == pytest.approx(expected)
 
 
-def test_roofline_ratio_and_limit():
+def test_flops_formula_matches_torch_flop_counter():
+    """Linear, LoRA and head terms equal torch's count of an unpadded pass; its attention term
+    is the full L x L square where ours counts the causal half."""
+    from lightning.fabric.utilities.throughput import measure_flops
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config._attn_implementation = "eager"  # plain matmuls, which the counter sees
+    model = get_peft_model(LlamaForCausalLM(config),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    shape = bench.ModelShape.from_config(config, lora_r=4)
+    length = 12
+    ids = torch.arange(length).unsqueeze(0)
+    counted = measure_flops(model, lambda: model(input_ids=ids).logits)
+    attention_per_pair = 4 * 2 * 4 * 16  # layers * heads * head_dim, two matmuls of 2 FLOPs
+    causal = bench.sequence_flops(shape, length, head_tokens=length)
+    pairs_causal, pairs_square = length * (length + 1) / 2, length * length
+    assert counted == causal + attention_per_pair * (pairs_square - pairs_causal)
+
+
+def test_roofline_ratios_and_limits():
     row = {"generated_tokens": 100, "seconds": 2.0, "gflop": 50.0}
-    bench.add_roofline_ratio(row, roofline=100.0)
-    assert row["roofline_ratio"] == pytest.approx(0.25)
-    assert row["limit_tokens_per_s"] == pytest.approx(200.0)
-    bench.add_roofline_ratio(row, roofline=100.0, bf16_roofline=400.0)
-    assert row["bf16_roofline_ratio"] == pytest.approx(0.0625)
+    bench.add_roofline_ratios(row, fp32=100.0, bf16=400.0)
+    assert row["fp32_ratio"] == pytest.approx(0.25)
+    assert row["bf16_ratio"] == pytest.approx(0.0625)
+    assert row["fp32_limit_tokens_per_s"] == pytest.approx(200.0)
+    assert row["bf16_limit_tokens_per_s"] == pytest.approx(800.0)
+
+
+def test_verdicts_pass_miss_and_not_measured():
+    result = {"rollout_bf16_ratio": 0.31, "train_bf16_ratio": 0.49, "ppg_over_trl_same_work": None,
+              "demo_class_s": 200.0, "peak_rss_mb": 2100.0}
+    status = {row["key"]: row["status"] for row in bench.verdicts(result)}
+    assert status == {"rollout_bf16_ratio": "PASS", "train_bf16_ratio": "MISS",
+                      "ppg_over_trl_same_work": "n/a", "demo_class_s": "PASS", "peak_rss_mb": "MISS"}
 
 
 def test_parse_args_quick_and_batches():
@@ -76,3 +108,26 @@ def test_parse_args_quick_and_batches():
     assert args.batches == [8, 32, 64]
     quick = bench.parse_args(["--quick"])
     assert quick.batches == [8] and quick.max_new_tokens == 16 and quick.n_turns == 2
+    assert quick.train_batches == [4, 8] and quick.trl_prompts == 2
+
+
+CONTRACT_KEYS = ("roofline_bf16_gflops", "rollout_bf16_ratio", "train_bf16_ratio",
+                 "ppg_over_trl_same_work", "peak_rss_mb", "demo_class_s")
+
+
+def test_quick_run_writes_the_contract_keys(tmp_path):
+    """The whole tool end to end on the tiny model: every phase runs, every contract key is a
+    number, and the same-work comparison really ran one turn on both sides."""
+    out = tmp_path / "bench.json"
+    bench.main(["--quick", "--threads", "1", "--model", "embedded:tiny-random-llama",
+                "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["errors"] == {}
+    for key in CONTRACT_KEYS:
+        assert isinstance(result[key], float) and result[key] > 0, key
+    assert result["roofline_bf16_gflops"] > 0 and result["roofline_gflops"] > 0
+    assert set(result["rollout_by_batch"]) == {"8"} and set(result["train_by_batch"]) == {"4", "8"}
+    same, trl = result["ppg_same_work"], result["trl"]
+    assert same["batch"] == trl["batch"] == 8 and same["steps"] == trl["steps"] == 1
+    assert 0 < same["generated_tokens"] <= 8 * 16 and 0 < trl["generated_tokens"] <= 8 * 16
+    assert [row["key"] for row in result["targets"]] == [key for key, *_ in bench.TARGETS]

@@ -1,12 +1,18 @@
 #!/usr/bin/env python
-"""Throughput benchmark of ppg on this machine, as ratios measured side by side in one run.
+"""Throughput benchmark of ppg on this machine: ratios measured side by side in one run.
 
-Measures the fp32 matmul roofline, the model's FLOPs per token, ppg's multi-turn rollout and
-training throughput (and their fraction of the roofline), one full ppg iteration against TRL's
-GRPOTrainer on the same model, and the peak RSS of a default nf4 rollout + update.
+Measures the matmul rooflines (fp32 and bf16), ppg's multi-turn rollout and training throughput
+as shares of the roofline of the precision the work runs in, ppg against TRL's GRPOTrainer on the
+same work (one turn, same prompts, G, max new tokens, LoRA, precision), the peak RSS of the
+default nf4 fit and the wall time of one (class, seed) run of the demo; then prints every
+figure against its target (PASS/MISS).
 
     python tools/bench.py --json bench.json [--model embedded:smollm2-135m-instruct]
-        [--quantization nf4] [--batches 8,32,64] [--quick] [--fit-command "ppg fit ..."]
+        [--quantization nf4] [--batches 8,32,64] [--quick] [--skip-trl] [--skip-demo]
+
+Training goes through ``PartialPolicyGradientModule.training_step`` in a Lightning ``Trainer``
+(the same code path as ``ppg fit``). The JSON is rewritten after every phase, so an interrupted
+run keeps what it measured.
 
 FLOPs model (per token, forward; ``c`` = tokens attended to, the token's 1-based position):
 
@@ -23,13 +29,16 @@ matmuls) plus the LoRA weight gradients, and no base weight gradients:
 
 i.e. about 2x forward, not the 3x of full fine-tuning. The rollout limit counts the useful
 forward work of each finished conversation once (every token at its position, logits for each
-sampled token); padding, re-encoding of the history and finished rows are overhead.
+sampled token); padding, re-encoding of the history and finished rows are overhead. The linear,
+LoRA and head terms equal what ``torch.utils.flop_counter`` counts for an unpadded pass
+(tests/test_bench.py checks it); its attention count is the full square, ours the causal half.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -42,13 +51,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.data import IterableDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SMOKE_CONFIG = ROOT / "configs" / "experiment" / "smoke.yaml"
+DEMO_CONFIG = ROOT / "configs" / "experiment" / "demo.yaml"
 LORA = {"r": 16, "alpha": 32}
+# Keyword rewarded by both ppg's judge and TRL's reward function in the same-work comparison.
+REWARD_WORD = "fun"
 
 
 # ---------------------------------------------------------------- FLOPs arithmetic (pure)
@@ -134,7 +147,7 @@ def batch_train_flops(shape: ModelShape, batch) -> float:
 
 
 def measure_roofline(size: int = 2048, repeats: int = 6, dtype=torch.float32) -> float:
-    """Best GFLOP/s of ``size``² matmuls with torch's current thread count."""
+    """Best GFLOP/s of ``size``² matmuls in ``dtype`` with torch's current thread count."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     best = float("inf")
@@ -147,7 +160,7 @@ def measure_roofline(size: int = 2048, repeats: int = 6, dtype=torch.float32) ->
 
 def bench_contexts(count: int, n_turns: int):
     """``count`` distinct synthetic chat contexts whose scripted user has ``n_turns`` lines."""
-    from ppg.problems.base import Context
+    from ppg.types import Context
 
     hobbies = ["hiking", "cooking", "chess", "painting", "cycling", "gardening", "music", "baking"]
     lines = ["That sounds fun. Where did you learn it?", "What is the hardest part for a beginner?",
@@ -176,13 +189,13 @@ def load(model: str, quantization: str):
     return policy, tokenizer, time.perf_counter() - started
 
 
-def make_engine(policy, tokenizer, batch: int, args):
+def make_engine(policy, tokenizer, batch: int, args, n_turns: int | None = None, judge=None):
     from ppg.judges.rule import RuleJudge
     from ppg.rollout import RolloutEngine, Sampling
     from ppg.rollout.users import ScriptedUser
 
-    return RolloutEngine(policy, tokenizer, RuleJudge(keywords=["fun", "practice", "tip"]),
-                         ScriptedUser(), n_turns=args.n_turns,
+    return RolloutEngine(policy, tokenizer, judge or RuleJudge(keywords=[REWARD_WORD, "practice", "tip"]),
+                         ScriptedUser(), n_turns=n_turns or args.n_turns,
                          sampling=Sampling(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens),
                          group_size=args.group_size, batch_size=batch, progress=False)
 
@@ -196,34 +209,68 @@ def run_rollouts(policy, tokenizer, batch: int, args, seed: int = 0):
     return rollouts, time.perf_counter() - started, engine
 
 
-def make_optimizer(policy):
-    params = [p for p in policy.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=1e-5)
-
-
-def update_step(policy, optimizer, batch, precision: str = "bf16-mixed", micro_batch: int = 1) -> float:
-    """The module's training step: turn log-probs and partial PG loss per micro-batch (whole-batch
-    advantages), backward, clip, AdamW; under bf16 autocast for ``precision="bf16-mixed"``."""
-    from ppg.objective import advantage_weighted_loss, partial_advantages
-    from ppg.rollout import turn_logprobs
+def make_module(policy, tokenizer, args):
+    """ppg's LightningModule around the already loaded policy (K=2 lookahead, AdamW lr 1e-5)."""
+    from ppg.module import PartialPolicyGradientModule
     from ppg.subsets import KStepLookahead
 
-    policy.train()
-    started = time.perf_counter()
-    advantages = partial_advantages(batch.rewards, KStepLookahead(2), "leave_one_out",
-                                    batch.group_ids, batch.turn_mask)
-    size = batch.rewards.shape[0]
-    optimizer.zero_grad()
-    for start in range(0, size, micro_batch or size):
-        rows = list(range(start, min(start + (micro_batch or size), size)))
-        part = batch.select(rows)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            logprobs = turn_logprobs(policy, part)
-        loss = advantage_weighted_loss(logprobs, advantages[rows], part.turn_mask)
-        (loss * len(rows) / size).backward()
-    torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], 1.0)
-    optimizer.step()
-    return time.perf_counter() - started
+    module = PartialPolicyGradientModule(
+        model={"name_or_path": args.model, "quantization": args.quantization, "lora": LORA},
+        subset=KStepLookahead(2), lr=1e-5, micro_batch_size=args.micro_batch or None)
+    module.policy, module.tokenizer = policy, tokenizer  # configure_model keeps a loaded policy
+    return module
+
+
+class RolloutSteps(IterableDataset):
+    """Training batches made on demand: ``generate(step) -> (RolloutBatch, generated tokens)``;
+    records the seconds and tokens of each step's generation."""
+
+    def __init__(self, generate, steps: int):
+        self.generate, self.steps = generate, steps
+        self.seconds: list[float] = []
+        self.tokens: list[int] = []
+
+    def __iter__(self):
+        for step in range(self.steps):
+            started = time.perf_counter()
+            batch, tokens = self.generate(step)
+            self.seconds.append(time.perf_counter() - started)
+            self.tokens.append(tokens)
+            yield batch
+
+
+def fit_steps(module, batches, precision: str) -> list[float]:
+    """One epoch of ``Trainer.fit`` over ``batches`` (``RolloutBatch`` items: a list or an
+    iterable dataset), the path ``ppg fit`` takes; returns the seconds of each training step."""
+    import logging
+
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from ppg.data import ConversationDataModule
+
+    class StepTimes(L.Callback):
+        def __init__(self):
+            self.seconds = []
+
+        def on_train_batch_start(self, *_):
+            self.started = time.perf_counter()
+
+        def on_train_batch_end(self, *_):
+            self.seconds.append(time.perf_counter() - self.started)
+
+    class Batches(ConversationDataModule):
+        def train_dataloader(self):
+            return DataLoader(batches, batch_size=None)
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    timer = StepTimes()
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer],
+                        default_root_dir=tempfile.gettempdir())
+    trainer.fit(module, datamodule=Batches())
+    return timer.seconds
 
 
 def bench_rollouts(policy, tokenizer, shape, args) -> tuple[dict, list]:
@@ -243,22 +290,20 @@ def bench_rollouts(policy, tokenizer, shape, args) -> tuple[dict, list]:
 
 
 def bench_train(policy, tokenizer, shape, rollouts, args) -> dict:
-    """Training throughput (forward, backward, clip, AdamW) per training batch size.
-
-    Every size trains on the same ``train_rollouts`` rollouts, in consecutive batches, like the
-    data module does with the rollouts of a generation batch.
-    """
+    """Training throughput (the module's training step: forward, backward, clip, AdamW) per
+    training batch size, all sizes on the same ``train_rollouts`` rollouts in consecutive
+    batches, like the data module serves an epoch's rollouts."""
     from ppg.rollout import collate_rollouts
 
     rollouts = rollouts[:args.train_rollouts]
-    optimizer = make_optimizer(policy)
-    warm_up = collate_rollouts(rollouts[:min(args.train_batches)], tokenizer.pad_token_id)
-    update_step(policy, optimizer, warm_up, args.precision, args.micro_batch)
+    module = make_module(policy, tokenizer, args)
+    fit_steps(module, [collate_rollouts(rollouts[:min(args.train_batches)], tokenizer.pad_token_id)],
+              args.precision)  # warm-up
     results = {}
     for size in args.train_batches:
         batches = [collate_rollouts(rollouts[i:i + size], tokenizer.pad_token_id)
                    for i in range(0, len(rollouts), size)]
-        seconds = sum(update_step(policy, optimizer, batch, args.precision, args.micro_batch) for batch in batches)
+        seconds = sum(fit_steps(module, batches, args.precision))
         tokens = sum(int(batch.attention_mask.sum()) for batch in batches)
         results[size] = {
             "rollouts": len(rollouts), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
@@ -267,16 +312,6 @@ def bench_train(policy, tokenizer, shape, rollouts, args) -> dict:
         }
         _progress(f"train batch {size}: {tokens / seconds:.1f} tok/s")
     return results
-
-
-def add_roofline_ratio(row: dict, roofline: float, bf16_roofline: float | None = None) -> None:
-    """Add the row's fraction of the fp32 roofline (and of the bf16 one, if given) and its
-    tokens/s at the fp32 roofline, in place."""
-    tokens = row.get("generated_tokens", row.get("tokens"))
-    row["roofline_ratio"] = row["gflop"] / row["seconds"] / roofline
-    row["limit_tokens_per_s"] = roofline * tokens / row["gflop"]
-    if bf16_roofline:
-        row["bf16_roofline_ratio"] = row["gflop"] / row["seconds"] / bf16_roofline
 
 
 def nf4_packed_for_inference(policy) -> bool:
@@ -290,30 +325,41 @@ def nf4_packed_for_inference(policy) -> bool:
                        "packing_format_for_cpu", False) for m in policy.modules())
 
 
-def bench_ppg_iteration(policy, tokenizer, args) -> dict:
-    """Full ppg iterations (rollouts + update) on ``trl_prompts`` contexts x ``group_size``."""
+def same_work_contexts(args):
+    """The prompts of every same-work step (warm-up first): ``trl_prompts`` per step."""
+    return bench_contexts(args.trl_prompts * (args.iterations + 1), 1)
+
+
+def bench_ppg_same_work(policy, tokenizer, args) -> dict:
+    """ppg steps on TRL's work: one agent turn per prompt, ``trl_prompts`` prompts x G rollouts,
+    the same reward, then one update through the module; the first step is a warm-up."""
+    from ppg.judges.rule import RuleJudge
     from ppg.rollout import collate_rollouts
 
-    batch = args.trl_prompts * args.group_size
-    optimizer = make_optimizer(policy)
-    times, tokens = [], []
-    for step in range(args.iterations + 1):
-        rollouts, rollout_s, engine = run_rollouts(policy, tokenizer, batch, args, seed=step)
-        update_s = update_step(policy, optimizer, collate_rollouts(rollouts, tokenizer.pad_token_id),
-                               args.precision, args.micro_batch)
-        if step > 0:  # the first iteration is a warm-up
-            times.append(rollout_s + update_s)
-            tokens.append(engine.stats.agent_tokens)
-    return {"batch": batch, "iterations": args.iterations, "generated_tokens": sum(tokens),
-            "seconds": sum(times), "tokens_per_s": sum(tokens) / sum(times)}
+    contexts, per_step = same_work_contexts(args), args.trl_prompts
+    batch = per_step * args.group_size
+    judge = RuleJudge(keywords=[REWARD_WORD])
+
+    def generate(step):
+        engine = make_engine(policy, tokenizer, batch, args, n_turns=1, judge=judge)
+        rollouts = engine.run(contexts[step * per_step:(step + 1) * per_step], seed=step)
+        return collate_rollouts(rollouts, tokenizer.pad_token_id), engine.stats.agent_tokens
+
+    steps = RolloutSteps(generate, args.iterations + 1)
+    train_seconds = fit_steps(make_module(policy, tokenizer, args), steps, args.precision)
+    seconds = [g + t for g, t in zip(steps.seconds, train_seconds)][1:]
+    tokens = steps.tokens[1:]
+    return {"batch": batch, "steps": len(seconds), "generated_tokens": sum(tokens),
+            "seconds": sum(seconds), "generate_seconds": sum(steps.seconds[1:]),
+            "train_seconds": sum(train_seconds[1:]), "tokens_per_s": sum(tokens) / sum(seconds)}
 
 
 def bench_trl(args) -> dict:
-    """TRL GRPOTrainer steps, single turn, same model/LoRA/G/max new tokens/prompts per step."""
+    """TRL GRPOTrainer steps on the same work as ``bench_ppg_same_work``."""
     try:
         return _run_trl(args)
     except Exception as error:  # noqa: BLE001 - any failure is reported, never faked
-        return {"trl_error": f"{type(error).__name__}: {error}".splitlines()[0][:500]}
+        return {"trl_error": _one_line(error)}
 
 
 def _run_trl(args) -> dict:
@@ -322,14 +368,14 @@ def _run_trl(args) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     policy, tokenizer, _ = load(args.model, args.quantization)
-    contexts = bench_contexts(args.trl_prompts * (args.iterations + 1), 1)
     prompts = [[{"role": "system", "content": c.agent_system_prompt},
-                {"role": "user", "content": c.opening}] for c in contexts]
+                {"role": "user", "content": c.opening}] for c in same_work_contexts(args)]
     counts = []
 
     def reward(completions, completion_ids=None, **_):
         counts.append(sum(len(ids) for ids in completion_ids))
-        return [float("fun" in str(c).lower()) for c in completions]
+        texts = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
+        return [float(REWARD_WORD in text.lower()) for text in texts]
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -346,9 +392,9 @@ def _run_trl(args) -> dict:
         output_dir=tempfile.mkdtemp(prefix="ppg-bench-trl-"), num_generations=args.group_size,
         per_device_train_batch_size=batch, max_completion_length=args.max_new_tokens,
         max_steps=args.iterations + 1, temperature=1.0, top_p=1.0, learning_rate=1e-5, beta=0.0,
-        use_cpu=True, bf16=args.precision == "bf16-mixed", fp16=False, gradient_checkpointing=False, report_to="none",
-        save_strategy="no", logging_steps=1, shuffle_dataset=False, dataloader_num_workers=0,
-        disable_tqdm=True, max_grad_norm=1.0,
+        use_cpu=True, bf16=args.precision == "bf16-mixed", fp16=False, gradient_checkpointing=False,
+        report_to="none", save_strategy="no", logging_steps=1, shuffle_dataset=False,
+        dataloader_num_workers=0, disable_tqdm=True, max_grad_norm=1.0,
     )
     timer = StepTimer()
     trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=config, processing_class=tokenizer,
@@ -361,14 +407,6 @@ def _run_trl(args) -> dict:
             "seconds": seconds, "tokens_per_s": tokens / seconds, "trl_version": trl.__version__}
 
 
-def default_fit_command(args) -> list[str]:
-    """``ppg fit`` on the smoke config when it exists, else this script's rollout+update child."""
-    if SMOKE_CONFIG.exists():
-        return [sys.executable, "-m", "ppg.cli", "fit", "--config", str(SMOKE_CONFIG)]
-    command = [sys.executable, str(Path(__file__).resolve()), "--rss-child", "--model", args.model]
-    return command + (["--threads", str(args.threads)] if args.threads else [])
-
-
 # Runs argv[1:], relays its output tails on stderr, prints "returncode peak_rss_kb" of its children.
 _RSS_WRAPPER = """
 import resource, subprocess, sys
@@ -378,10 +416,12 @@ print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
 
-def peak_rss_mb(command: list[str], timeout: float) -> dict:
-    """Peak RSS of ``command`` run in a fresh wrapper process (getrusage of its children)."""
+def run_measured(command: list[str], timeout: float, threads: int | None = None) -> dict:
+    """Wall seconds and peak RSS of ``command`` run in a fresh wrapper process (with
+    ``OMP_NUM_THREADS=threads`` if given)."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-c", _RSS_WRAPPER, *command], cwd=ROOT, text=True,
+    process = subprocess.Popen([sys.executable, "-c", _RSS_WRAPPER, *command], cwd=ROOT, text=True, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
@@ -395,39 +435,75 @@ def peak_rss_mb(command: list[str], timeout: float) -> dict:
         return {"command": shlex.join(command), "error": stderr.strip()[-500:]}
     result = {"command": shlex.join(command), "returncode": code, "peak_rss_mb": kilobytes / 1024,
               "seconds": time.perf_counter() - started}
-    phases = [line for line in stderr.splitlines() if line.startswith("RSS_PHASES ")]
-    if phases:
-        result["phases_mb"] = json.loads(phases[-1].split(" ", 1)[1])
     if code != 0:
         result["error"] = stderr.strip()[-500:] or f"exit code {code}"
     return result
 
 
-def rss_child(args) -> None:
-    """The in-process default setup: load nf4, one rollout batch, one update (for peak RSS).
-
-    Prints one ``RSS_PHASES {json}`` line: peak RSS (MB) after each phase.
-    """
-    from ppg.rollout import collate_rollouts
-
-    phases = {"imports": _self_peak_mb()}
-    policy, tokenizer, _ = load(args.model, "nf4")
-    phases["load"] = _self_peak_mb()
-    rollouts, _, _ = run_rollouts(policy, tokenizer, 8, args)
-    phases["rollout"] = _self_peak_mb()
-    update_step(policy, make_optimizer(policy), collate_rollouts(rollouts, tokenizer.pad_token_id),
-                args.precision, args.micro_batch)
-    phases["update"] = _self_peak_mb()
-    print("RSS_PHASES " + json.dumps(phases), flush=True)
+def fit_command(args, save_dir: str) -> list[str]:
+    """``ppg fit`` on the smoke config (the default nf4 setup), logs under ``save_dir``."""
+    command = [sys.executable, "-m", "ppg.cli", "fit", "--config", str(SMOKE_CONFIG),
+               f"--model.model.name_or_path={args.model}",
+               f"--trainer.logger.init_args.save_dir={save_dir}"]
+    quick = ["--trainer.max_epochs=1", "--data.init_args.rollouts_per_epoch=4", "--data.init_args.val_contexts=1",
+             "--data.init_args.sampling.max_new_tokens=8"]
+    return command + (quick if args.quick else [])
 
 
-def _self_peak_mb() -> float:
-    import resource
+def demo_command(args, out: str) -> list[str]:
+    """One (class, seed) run of the demo: full planning, seed 0 (``--quick``: a token budget)."""
+    overrides = [f"--model.model.name_or_path={args.model}"]
+    if args.quick:
+        overrides += ["--trainer.max_epochs=1", "--data.init_args.rollouts_per_epoch=4",
+                      "--data.init_args.batch_size=4", "--data.init_args.val_contexts=1",
+                      "--data.init_args.val_group_size=1", "--data.init_args.sampling.max_new_tokens=8"]
+    return [sys.executable, "-m", "ppg.cli", "compare", "--config", str(DEMO_CONFIG), "--policies", "full",
+            "--seeds", "1", "--out", out, *(f"--overrides={o}" for o in overrides)]
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-
+def bench_demo(args) -> dict:
+    """Wall seconds (and peak RSS, final held-out reward) of one (class, seed) demo run."""
+    out = tempfile.mkdtemp(prefix="ppg-bench-demo-")
+    result = run_measured(demo_command(args, out), args.demo_timeout, args.threads)
+    summary = Path(out) / "runs" / "full_seed0" / "summary.json"
+    if summary.exists():
+        data = json.loads(summary.read_text())
+        result.update({k: data[k] for k in ("final_reward", "wall_s") if k in data})
+    return result
 # ---------------------------------------------------------------- report
+
+# (JSON key, comparison, target, what it measures); the PASS/MISS table of every run.
+TARGETS = [
+    ("rollout_bf16_ratio", ">=", 0.30, "rollouts, largest batch: share of the bf16 roofline"),
+    ("train_bf16_ratio", ">=", 0.50, "training, largest batch: share of the bf16 roofline"),
+    ("ppg_over_trl_same_work", ">=", 2.0, "ppg / TRL GRPOTrainer, generated tok/s, same work"),
+    ("demo_class_s", "<=", 200.0, "one (class, seed) run of the demo, wall seconds"),
+    ("peak_rss_mb", "<=", 2048.0, "peak RSS of the default nf4 fit (MB)"),
+]
+
+
+def verdicts(result: dict) -> list[dict]:
+    """Each target with the run's value and PASS, MISS, or n/a (not measured)."""
+    rows = []
+    for key, op, target, what in TARGETS:
+        value = result.get(key)
+        if value is None or not math.isfinite(value):
+            status = "n/a"
+        else:
+            status = "PASS" if (value >= target if op == ">=" else value <= target) else "MISS"
+        goal = f"{target:.0%}" if key.endswith("_ratio") else f"{target:g}"
+        rows.append({"key": key, "what": what, "value": value, "target": f"{op} {goal}",
+                     "status": status})
+    return rows
+
+
+def add_roofline_ratios(row: dict, fp32: float, bf16: float) -> None:
+    """Add the row's shares of the fp32 and bf16 rooflines and its tok/s at each limit, in place."""
+    tokens = row.get("generated_tokens", row.get("tokens"))
+    gflop_per_s = row["gflop"] / row["seconds"]
+    for name, roofline in (("fp32", fp32), ("bf16", bf16)):
+        row[f"{name}_ratio"] = gflop_per_s / roofline
+        row[f"{name}_limit_tokens_per_s"] = roofline * tokens / row["gflop"]
 
 
 def machine_info() -> dict:
@@ -436,7 +512,7 @@ def machine_info() -> dict:
     info = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    for package in ("peft", "bitsandbytes", "trl"):
+    for package in ("lightning", "peft", "bitsandbytes", "trl"):
         try:
             info[package] = __import__(package).__version__
         except ImportError:
@@ -458,48 +534,61 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def _one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0][:500]
+
+
+_BAR = None
+
+
 def _progress(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
+    (_BAR.write if _BAR is not None else print)(f"[bench] {message}", file=sys.stderr)
+
+
+def _number(value, spec: str = ".2f") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else "-"
 
 
 def print_table(result: dict) -> None:
-    """A readable summary of the headline figures and the per-batch details."""
-    rows = [("roofline fp32 (GFLOP/s)", result["roofline_gflops"], ""),
-            ("FLOPs/token forward (M, ctx 256)", result["flops_per_token"]["forward_ctx256"] / 1e6, ""),
-            ("FLOPs/token train (M, ctx 256)", result["flops_per_token"]["train_ctx256"] / 1e6, "")]
-    for batch, row in result["rollout_by_batch"].items():
-        rows.append((f"rollout tok/s, gen batch {batch}", row["tokens_per_s"], _ratio_note(row)))
-    for batch, row in result["train_by_batch"].items():
-        rows.append((f"train tok/s, train batch {batch}", row["tokens_per_s"], _ratio_note(row)))
-    rows.append(("ppg iteration gen tok/s", result["ppg_iteration"]["tokens_per_s"], ""))
-    trl = result.get("trl_tokens_per_s")
-    rows.append(("TRL GRPO step gen tok/s", trl if trl is not None else float("nan"),
-                 result.get("trl_error", "")))
-    ratio = result.get("ppg_over_trl")
-    rows.append(("ppg / TRL", ratio if ratio is not None else float("nan"), ""))
-    rows.append(("peak RSS (MB)", result.get("peak_rss_mb") or float("nan"),
-                 result["peak_rss"].get("command", "")[:60]))
-    width = max(len(name) for name, _, _ in rows)
-    for name, value, note in rows:
-        print(f"{name:<{width}}  {value:>10.2f}  {note}")
-
-
-def _ratio_note(row: dict) -> str:
-    return (f"{row['roofline_ratio']:.1%} of fp32 roofline (limit {row['limit_tokens_per_s']:.0f} tok/s), "
-            f"{row.get('bf16_roofline_ratio', float('nan')):.1%} of bf16")
+    """The details (per batch size), then every target with PASS/MISS."""
+    print(f"roofline fp32 / bf16: {_number(result.get('roofline_gflops'), '.1f')} / "
+          f"{_number(result.get('roofline_bf16_gflops'), '.1f')} GFLOP/s; load average "
+          f"{result.get('load_average_start')} -> {result.get('load_average_end')}")
+    for label, key in (("rollout, gen batch", "rollout_by_batch"), ("train, train batch", "train_by_batch")):
+        for batch, row in result.get(key, {}).items():
+            if not isinstance(row, dict) or "bf16_ratio" not in row:
+                continue
+            print(f"  {label} {batch:>3}: {row['tokens_per_s']:8.1f} tok/s  "
+                  f"{row['bf16_ratio']:6.1%} of bf16  {row['fp32_ratio']:6.1%} of fp32")
+    for label, key in (("ppg, same work", "ppg_same_work"), ("TRL GRPOTrainer", "trl")):
+        row = result.get(key, {})
+        print(f"  {label}: {_number(row.get('tokens_per_s'), '8.1f')} gen tok/s  "
+              f"{row.get('trl_error', row.get('error', ''))}")
+    for label, key in (("peak RSS, default fit", "peak_rss"), ("demo, one class", "demo")):
+        row = result.get(key, {})
+        print(f"  {label}: {_number(row.get('peak_rss_mb'), '.0f')} MB, {_number(row.get('seconds'), '.1f')} s  "
+              f"{row.get('error', '')[-200:]}")
+    width = max(len(row["what"]) for row in result["targets"])
+    print(f"{'target':<{width}}  {'value':>10}  {'goal':>9}  status")
+    for row in result["targets"]:
+        value = row["value"]
+        text = _number(value, ".1%") if row["key"].endswith("_ratio") else _number(value, ".2f")
+        print(f"{row['what']:<{width}}  {text:>10}  {row['target']:>9}  {row['status']}")
+    for phase, error in result.get("errors", {}).items():
+        print(f"error in {phase}: {error}")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--json", type=Path, help="write the results here (after every phase)")
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
     parser.add_argument("--quantization", default="nf4", choices=["nf4", "int8", "none"])
     parser.add_argument("--batches", default="8,32,64", help="comma-separated rollout batch sizes")
     parser.add_argument("--n-turns", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--group-size", type=int, default=4, help="G rollouts per context")
-    parser.add_argument("--trl-prompts", type=int, default=2, help="prompts per ppg/TRL iteration")
-    parser.add_argument("--iterations", type=int, default=2, help="timed ppg/TRL iterations")
+    parser.add_argument("--trl-prompts", type=int, default=4, help="prompts per same-work ppg/TRL step")
+    parser.add_argument("--iterations", type=int, default=2, help="timed ppg/TRL steps (after a warm-up)")
     parser.add_argument("--train-batches", default="8,16",
                         help="comma-separated training batch sizes (rollouts per update)")
     parser.add_argument("--train-rollouts", type=int, default=32,
@@ -508,16 +597,17 @@ def parse_args(argv=None):
                         help="training precision of ppg and TRL (as the configs' trainer.precision)")
     parser.add_argument("--micro-batch", type=int, default=1, help="rollouts per forward/backward (0: whole batch)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: unchanged)")
-    parser.add_argument("--fit-command", help="command whose peak RSS is measured "
-                        "(default: ppg fit on configs/experiment/smoke.yaml if present)")
     parser.add_argument("--fit-timeout", type=float, default=600.0)
+    parser.add_argument("--demo-timeout", type=float, default=1800.0)
     parser.add_argument("--skip-trl", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="small sizes for a fast check")
-    parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--skip-rss", action="store_true", help="skip the peak RSS of the default fit")
+    parser.add_argument("--skip-demo", action="store_true", help="skip the timed demo run")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes for a fast check (with embedded:tiny-random-llama: seconds)")
     args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.n_turns, args.max_new_tokens, args.iterations = "8", 2, 16, 1
-        args.train_batches, args.train_rollouts = "4,8", 8
+        args.train_batches, args.train_rollouts, args.trl_prompts = "4,8", 8, 2
     args.batches = _int_list(args.batches)
     args.train_batches = _int_list(args.train_batches)
     return args
@@ -528,70 +618,114 @@ def _int_list(text) -> list[int]:
 
 
 def run(args) -> dict:
-    """All measurements, in one process (TRL and the RSS probe load their own copies)."""
+    """All measurements in one process (TRL, the fit and the demo load their own copies)."""
+    global _BAR
+    from tqdm.auto import tqdm
+
     result = {"machine": machine_info(), "load_average_start": load_average(), "warnings": [],
-              "settings": {k: v for k, v in vars(args).items() if k not in ("json", "rss_child")}}
-    result["settings"]["json"] = str(args.json) if args.json else None
-    roofline = measure_roofline()
-    result["roofline_bf16_gflops"] = measure_roofline(dtype=torch.bfloat16)
+              "errors": {}, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    phases = ["rooflines", "load", "rollouts", "training", "ppg same work", "TRL same work",
+              "peak RSS", "demo"]
+    _BAR = bar = tqdm(total=len(phases), desc="bench", unit="phase", file=sys.stderr, dynamic_ncols=True)
+
+    def phase(name, work, skip: str | None = None, key: str | None = None):
+        """Run one phase (its result under ``key``); a failure is recorded, the next phases run."""
+        bar.set_postfix_str(name)
+        value = None
+        try:
+            value = {"error": f"skipped ({skip})"} if skip else work()
+        except Exception as error:  # noqa: BLE001 - recorded; later phases still run
+            result["errors"][name] = _one_line(error)
+        finally:
+            if key:
+                result[key] = value or {}
+            bar.update()
+            _save(result, args.json)
+        return value
+
+    size = 1024 if args.quick else 2048
+
+    def rooflines():
+        result["roofline_gflops"] = measure_roofline(size)
+        result["roofline_bf16_gflops"] = measure_roofline(size, dtype=torch.bfloat16)
+
+    try:
+        phase("rooflines", rooflines)
+        _in_process(result, args, phase)
+        bar.update()  # the load phase, counted once the loaded model is released
+        phase("TRL same work", lambda: bench_trl(args), args.skip_trl and "--skip-trl", "trl")
+        with tempfile.TemporaryDirectory(prefix="ppg-bench-fit-") as logs:
+            phase("peak RSS", lambda: run_measured(fit_command(args, logs), args.fit_timeout, args.threads),
+                  args.skip_rss and "--skip-rss", "peak_rss")
+        phase("demo", lambda: bench_demo(args), args.skip_demo and "--skip-demo", "demo")
+        if "roofline_gflops" in result:  # best of start and end: the matmul limit of this machine
+            result["roofline_gflops"] = max(result["roofline_gflops"], measure_roofline(size))
+            result["roofline_bf16_gflops"] = max(result["roofline_bf16_gflops"],
+                                                 measure_roofline(size, dtype=torch.bfloat16))
+        summarize(result, args)
+    finally:
+        bar.close()
+        _BAR = None
+    _save(result, args.json)
+    return result
+
+
+def _in_process(result: dict, args, phase) -> None:
+    """The phases that share one loaded policy: rollouts, training, ppg on TRL's work."""
     policy, tokenizer, load_s = load(args.model, args.quantization)
     shape = ModelShape.from_config(policy.get_base_model().config, LORA["r"])
-    result["model_shape"] = asdict(shape)
-    result["load_seconds"] = load_s
-    result["flops_per_token"] = {"forward_ctx256": forward_flops(shape, 256),
-                                 "train_ctx256": train_flops(shape, 256),
-                                 "linear_params": shape.linear_params(),
-                                 "lora_params": shape.lora_params()}
-    _progress(f"roofline {roofline:.1f} GFLOP/s; model loaded in {load_s:.1f}s")
-    rollouts, largest = bench_rollouts(policy, tokenizer, shape, args)
-    train = bench_train(policy, tokenizer, shape, largest, args)
+    result.update(model_shape=asdict(shape), load_seconds=load_s, flops_per_token={
+        "forward_ctx256": forward_flops(shape, 256), "train_ctx256": train_flops(shape, 256),
+        "linear_params": shape.linear_params(), "lora_params": shape.lora_params()})
+    rows, largest = phase("rollouts", lambda: bench_rollouts(policy, tokenizer, shape, args)) or ({}, [])
+    result["rollout_by_batch"] = rows
+    phase("training", lambda: bench_train(policy, tokenizer, shape, largest, args),
+          None if largest else "no rollouts", "train_by_batch")
     if nf4_packed_for_inference(policy):
         result["warnings"].append(
             "nf4 weights were in bitsandbytes' packed CPU inference layout during training: "
             "gradients through the frozen base are wrong and train figures skip that work")
-    del largest
-    result["ppg_iteration"] = bench_ppg_iteration(policy, tokenizer, args)
-    _progress(f"ppg iteration: {result['ppg_iteration']['tokens_per_s']:.1f} gen tok/s")
-    del policy
-    trl = {"trl_error": "skipped (--skip-trl)"} if args.skip_trl else bench_trl(args)
-    result["trl"] = trl
-    _progress(f"TRL: {trl}")
-    command = shlex.split(args.fit_command) if args.fit_command else default_fit_command(args)
-    result["peak_rss"] = peak_rss_mb(command, args.fit_timeout)
-    _progress(f"peak RSS: {result['peak_rss']}")
-    roofline = max(roofline, measure_roofline())  # best of start and end
-    for row in [*rollouts.values(), *train.values()]:
-        add_roofline_ratio(row, roofline, result["roofline_bf16_gflops"])
-    top, train_top = max(args.batches), max(args.train_batches)
-    result.update({
-        "roofline_gflops": roofline,
-        "rollout_by_batch": rollouts, "train_by_batch": train,
-        "rollout_tokens_per_s": rollouts[top]["tokens_per_s"],
-        "rollout_roofline_ratio": rollouts[top]["roofline_ratio"],
-        "train_tokens_per_s": train[train_top]["tokens_per_s"],
-        "train_roofline_ratio": train[train_top]["roofline_ratio"],
-        "trl_tokens_per_s": trl.get("tokens_per_s"),
-        "ppg_over_trl": (result["ppg_iteration"]["tokens_per_s"] / trl["tokens_per_s"]
-                         if "tokens_per_s" in trl else None),
-        "peak_rss_mb": result["peak_rss"].get("peak_rss_mb"),
-        "load_average_end": load_average(),
-    })
-    if "trl_error" in trl:
-        result["trl_error"] = trl["trl_error"]
-    return result
+    phase("ppg same work", lambda: bench_ppg_same_work(policy, tokenizer, args), key="ppg_same_work")
+
+
+def summarize(result: dict, args) -> None:
+    """The headline keys (contract names) from the phases' rows, and the target verdicts."""
+    fp32, bf16 = result.get("roofline_gflops"), result.get("roofline_bf16_gflops")
+    rows = {(kind, size): row for kind in ("rollout", "train")
+            for size, row in result.get(f"{kind}_by_batch", {}).items() if isinstance(row, dict)}
+    if fp32 and bf16:
+        for row in rows.values():
+            add_roofline_ratios(row, fp32, bf16)
+    headline = {}
+    for kind, sizes in (("rollout", args.batches), ("train", args.train_batches)):
+        row = rows.get((kind, max(sizes)), {})
+        headline[f"{kind}_tokens_per_s"] = row.get("tokens_per_s")
+        headline[f"{kind}_bf16_ratio"] = row.get("bf16_ratio")
+        headline[f"{kind}_fp32_ratio"] = row.get("fp32_ratio")
+    ppg, trl = result.get("ppg_same_work", {}), result.get("trl", {})
+    headline["ppg_same_work_tokens_per_s"] = ppg.get("tokens_per_s")
+    headline["trl_tokens_per_s"] = trl.get("tokens_per_s")
+    headline["ppg_over_trl_same_work"] = (ppg["tokens_per_s"] / trl["tokens_per_s"]
+                                          if ppg.get("tokens_per_s") and trl.get("tokens_per_s") else None)
+    peak, demo = result.get("peak_rss") or {}, result.get("demo") or {}
+    headline["peak_rss_mb"] = peak.get("peak_rss_mb") if "error" not in peak else None
+    headline["demo_class_s"] = demo.get("seconds") if "error" not in demo else None
+    result.update(headline, load_average_end=load_average())
+    result["targets"] = verdicts(result)
+
+
+def _save(result: dict, path: Path | None) -> None:
+    if path:
+        path.write_text(json.dumps(result, indent=2, default=str))
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.rss_child:
-        rss_child(args)
-        return
     result = run(args)
     print_table(result)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str))
         print(f"wrote {args.json}")
 
 
