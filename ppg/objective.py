@@ -6,9 +6,16 @@ sum of the token log-probs of turn ``t``'s action; ``rewards[b, t]`` is that tur
 The surrogate ``loss = -(1/B) Σ_b Σ_t A[b, t] · turn_logprobs[b, t]`` with detached advantages
 ``A = credit - baseline`` has ``-∇loss`` equal to the Monte-Carlo estimate of the partial policy
 gradient ``g_S = E[Σ_t ∇log π(a_t) Σ_{i∈S_t} w_ti r_i]``.
+
+Training uses :func:`token_pg_loss`, the same advantages spread over each turn's tokens with a
+per-token importance ratio to the sampler (truncated, PPO-clipped once the policy has moved);
+at ratio 1 its gradient is that of :func:`partial_pg_loss`.
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 
@@ -17,11 +24,12 @@ from ppg.subsets import RewardSubset
 __all__ = [
     "BASELINES",
     "KL_ESTIMATORS",
+    "TokenLoss",
     "advantage_weighted_loss",
-    "clipped_partial_pg_loss",
     "kl_penalty",
     "partial_advantages",
     "partial_pg_loss",
+    "token_pg_loss",
 ]
 
 BASELINES = ("none", "mean", "leave_one_out")
@@ -158,37 +166,73 @@ def _weighted_logprob_loss(logprobs, adv, mask) -> torch.Tensor:
     return -(adv.to(lp.dtype) * lp).sum() / logprobs.shape[0]
 
 
-def clipped_partial_pg_loss(
-    turn_logprobs: torch.Tensor,
-    old_turn_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    clip_eps: float = 0.2,
-    turn_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """PPO-style clipped surrogate for several updates on one rollout batch.
+class TokenLoss(NamedTuple):
+    """The per-token surrogate (with gradients) and its detached ratio statistics."""
 
-    Per turn, ratio = exp(turn_logprobs - old_turn_logprobs) and the term is
-    ``-min(ratio·A, clip(ratio, 1-eps, 1+eps)·A)``; summed over turns, averaged over B like
-    :func:`partial_pg_loss` (same gradient when ratio = 1). ``advantages`` come from
-    :func:`partial_advantages` on the batch. The ratio is per turn (a sum over the turn's tokens),
-    so long turns move it fast: keep ``clip_eps`` small.
+    loss: torch.Tensor  # scalar
+    tokens: torch.Tensor  # action tokens of valid turns
+    clipped: torch.Tensor  # how many of them the PPO clip zeroed
+    log_ratio_max: torch.Tensor  # max log ρ over them (-inf when there is none)
+
+
+def token_pg_loss(
+    token_logprobs: torch.Tensor,
+    sampler_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    action_mask: torch.Tensor,
+    turn_mask: torch.Tensor | None = None,
+    clip_eps: float | None = None,
+    tis_cap: float | None = None,
+) -> TokenLoss:
+    """Per-token importance-weighted partial PG surrogate against the sampler's log-probs.
+
+    ``token_logprobs`` ``[B, L]``: log π_θ of each token (with gradients); ``sampler_logprobs``
+    ``[B, L]``: log μ under the sampler; ``advantages`` ``[B, n]`` from
+    :func:`partial_advantages`; ``action_mask`` ``[B, n, L]`` marks turn t's action tokens.
+    Per action token k of turn t, ``log ρ_k = log π_θ(k) - log μ(k)`` and
+
+        loss = -(1/B) Σ_b Σ_t Σ_k A[b, t] · sg(w_k) · log π_θ(k),   w_k = min(ρ_k, tis_cap) · keep_k
+
+    so ``-∇loss`` is Σ A·w·∇log π: the PPO gradient (∇ρ = ρ ∇log π) with the importance weight
+    truncated at ``tis_cap`` (None: not truncated). With ``clip_eps``, keep_k = 0 where the clip
+    binds — ρ > 1+ε with A > 0, or ρ < 1-ε with A < 0 — else 1. Everything is per token in log
+    space, so long turns cannot overflow. With ρ = 1 the gradient is exactly that of
+    :func:`partial_pg_loss`.
     """
-    for name, x in (
-        ("turn_logprobs", turn_logprobs),
-        ("old_turn_logprobs", old_turn_logprobs),
-        ("advantages", advantages),
-    ):
+    for name, x in (("token_logprobs", token_logprobs), ("sampler_logprobs", sampler_logprobs),
+                    ("advantages", advantages)):
         _check_2d(name, x)
-        _check_same_shape(name, x, "turn_logprobs", turn_logprobs)
-    if not 0 < clip_eps < 1:
+    _check_same_shape("sampler_logprobs", sampler_logprobs, "token_logprobs", token_logprobs)
+    batch, n_turns = advantages.shape
+    if action_mask.shape != (batch, n_turns, token_logprobs.shape[1]):
+        raise ValueError(f"action_mask must have shape {(batch, n_turns, token_logprobs.shape[1])}, "
+                         f"got {tuple(action_mask.shape)}")
+    if clip_eps is not None and not 0 < clip_eps < 1:
         raise ValueError(f"clip_eps must be in (0, 1), got clip_eps={clip_eps!r}")
-    mask = _as_mask(turn_mask, turn_logprobs, "turn_logprobs")
-    zero = torch.zeros((), dtype=turn_logprobs.dtype, device=turn_logprobs.device)
-    log_ratio = torch.where(mask, turn_logprobs - old_turn_logprobs.detach(), zero)
-    ratio = log_ratio.exp()
-    adv = torch.where(mask, advantages.detach().to(ratio.dtype), zero)
-    term = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-    return -term.sum() / turn_logprobs.shape[0]
+    if tis_cap is not None and not tis_cap >= 1:
+        raise ValueError(f"tis_cap must be >= 1, got tis_cap={tis_cap!r}")
+    turns = _as_mask(turn_mask, advantages, "advantages")
+    acted = action_mask.to(torch.bool) & turns[:, :, None]  # [B, n, L]
+    valid = acted.any(dim=1)  # [B, L]
+    zero = torch.zeros((), dtype=token_logprobs.dtype, device=token_logprobs.device)
+    # each token belongs to at most one turn: its turn's advantage, 0 off actions
+    adv = torch.einsum("bt,btl->bl", torch.where(turns, advantages.detach(), 0.0).to(zero.dtype),
+                       acted.to(zero.dtype))
+    # where() rather than multiply: positions off actions may hold garbage/NaN
+    logp = torch.where(valid, token_logprobs, zero)
+    with torch.no_grad():
+        log_ratio = torch.where(valid, logp - sampler_logprobs.to(zero.dtype), zero)
+        capped = log_ratio if tis_cap is None else log_ratio.clamp(max=math.log(tis_cap))
+        weight = capped.exp()
+        clipped = torch.zeros_like(valid)
+        if clip_eps is not None:
+            clipped = valid & (((adv > 0) & (log_ratio > math.log1p(clip_eps)))
+                               | ((adv < 0) & (log_ratio < math.log1p(-clip_eps))))
+            weight = torch.where(clipped, zero, weight)
+        stats = (valid.sum(), clipped.sum(),
+                 torch.where(valid, log_ratio, -math.inf).max() if valid.numel() else zero - math.inf)
+    loss = -(adv * weight * logp).sum() / batch
+    return TokenLoss(loss, *stats)
 
 
 def kl_penalty(

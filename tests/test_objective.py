@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from ppg.objective import (
-    clipped_partial_pg_loss,
     kl_penalty,
     partial_advantages,
     partial_pg_loss,
+    token_pg_loss,
 )
 from ppg.subsets import (
     CustomMask,
@@ -323,45 +323,36 @@ def test_validation_messages():
             partial_pg_loss(lp, r_bad, Greedy())
     with pytest.raises(TypeError, match=r"subset must be a RewardSubset"):
         partial_pg_loss(lp, r, "greedy")
+    tok, actions = torch.zeros(4, 5), torch.zeros(4, 3, 5, dtype=torch.bool)
     with pytest.raises(ValueError, match=r"clip_eps must be in \(0, 1\), got clip_eps=0"):
-        clipped_partial_pg_loss(lp, lp, r, clip_eps=0)
-    with pytest.raises(ValueError, match=r"advantages must have the shape"):
-        clipped_partial_pg_loss(lp, lp, torch.zeros(4, 2))
+        token_pg_loss(tok, tok, r, actions, clip_eps=0)
+    with pytest.raises(ValueError, match=r"tis_cap must be >= 1, got tis_cap=0.5"):
+        token_pg_loss(tok, tok, r, actions, tis_cap=0.5)
+    with pytest.raises(ValueError, match=r"sampler_logprobs must have the shape of token_logprobs"):
+        token_pg_loss(tok, torch.zeros(4, 4), r, actions)
+    with pytest.raises(ValueError, match=r"action_mask must have shape \(4, 3, 5\), got \(4, 2, 5\)"):
+        token_pg_loss(tok, tok, r, actions[:, :2])
     with pytest.raises(ValueError, match=r"estimator must be one of .*got estimator='k2'"):
         kl_penalty(lp, lp, estimator="k2")
     with pytest.raises(ValueError, match=r"mask must have the shape of logprobs"):
         kl_penalty(lp, lp, mask=torch.ones(4, 2, dtype=torch.bool))
 
 
-# ---- PPO-style clipping -------------------------------------------------------------------
-
-
-def test_clipped_loss_matches_pg_loss_at_ratio_one():
-    gen = torch.Generator().manual_seed(0)
-    lp = torch.randn(8, 4, generator=gen).requires_grad_()
-    r = torch.rand(8, 4, generator=gen)
-    groups = torch.arange(4).repeat_interleave(2)
-    mask = torch.rand(8, 4, generator=gen) > 0.2
-    subset = KStepLookahead(2)
-    partial_pg_loss(lp, r, subset, "leave_one_out", groups, mask).backward()
-    g_pg = lp.grad.clone()
-    lp.grad = None
-    adv = partial_advantages(r, subset, "leave_one_out", groups, mask)
-    clipped_partial_pg_loss(lp, lp.detach(), adv, 0.2, mask).backward()
-    assert torch.allclose(lp.grad, g_pg, atol=1e-6)
+# ---- PPO-style clipping (per token) ------------------------------------------------------
 
 
 def test_clipping_stops_gradient_outside_trust_region():
-    old = torch.zeros(1, 4)
-    # ratios e^0.5 (>1.2), e^0.5, e^-0.5 (<0.8), e^-0.5
+    # one turn per token; log-ratios to the sampler 0.5 (ρ > 1.2), 0.5, -0.5 (ρ < 0.8), -0.5
     lp = torch.tensor([[0.5, 0.5, -0.5, -0.5]], requires_grad=True)
     adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
-    loss = clipped_partial_pg_loss(lp, old, adv, clip_eps=0.2)
-    loss.backward()
+    actions = torch.eye(4, dtype=torch.bool)[None]
+    out = token_pg_loss(lp, torch.zeros(1, 4), adv, actions, clip_eps=0.2)
+    out.loss.backward()
     e = math.exp(0.5)
-    # clipped where pushing further would help: (ratio>1+eps, A>0) and (ratio<1-eps, A<0)
+    # clipped where pushing further would help: (ratio>1+eps, A>0) and (ratio<1-eps, A<0);
+    # elsewhere the gradient is A·ρ, PPO's
     assert torch.allclose(lp.grad, torch.tensor([[0.0, e, -1 / e, 0.0]]))
-    assert loss.item() == pytest.approx(-(1.2 - e + 1 / e - 0.8))
+    assert (out.tokens.item(), out.clipped.item(), out.log_ratio_max.item()) == (4, 2, 0.5)
 
 
 # ---- KL penalty ---------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Finished conversations and their padded training tensors.
 
 ``RolloutBatch.action_mask`` marks exactly the tokens the policy sampled at each agent turn;
-``turn_logprobs`` scores them under the current policy in one forward pass.
+``token_logprobs`` scores them under the current policy in one forward pass, ``turn_logprobs``
+sums them per turn.
 """
 
 from __future__ import annotations
@@ -43,11 +44,16 @@ class Rollout:
                 "rewards": self.rewards, "turn_mask": self.turn_mask}
 
 
+_TENSORS = ("input_ids", "attention_mask", "action_mask", "rewards", "turn_mask", "group_ids")
+
+
 @dataclass
 class RolloutBatch:
     """Padded tensors for a list of rollouts (left padding).
 
     ``action_mask[b, t, j]`` is True where token j of row b was sampled by the agent at turn t.
+    ``sampler_logprobs[b, j]`` is the sampler's log-prob of that token (0 elsewhere); None when
+    the rollouts do not carry them (logged conversations).
     """
 
     input_ids: torch.Tensor  # [B, L]
@@ -58,6 +64,7 @@ class RolloutBatch:
     group_ids: torch.Tensor  # [B]
     rollouts: list[Rollout] = field(default_factory=list, repr=False)
     temperature: float = 1.0  # the sampling temperature, so log-probs match what was sampled
+    sampler_logprobs: torch.Tensor | None = None  # [B, L] float32
 
     @property
     def n_turns(self) -> int:
@@ -65,16 +72,33 @@ class RolloutBatch:
 
     def select(self, rows: list[int]) -> RolloutBatch:
         """The sub-batch of ``rows`` (padding kept)."""
-        index = torch.tensor(rows, dtype=torch.long)
-        picked = {name: getattr(self, name)[index.to(getattr(self, name).device)] for name in
-                  ("input_ids", "attention_mask", "action_mask", "rewards", "turn_mask", "group_ids")}
+        index = torch.tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        picked = {name: getattr(self, name)[index] for name in _TENSORS}
+        sampler = self.sampler_logprobs[index] if self.sampler_logprobs is not None else None
         return RolloutBatch(**picked, rollouts=[self.rollouts[r] for r in rows if r < len(self.rollouts)],
-                            temperature=self.temperature)
+                            temperature=self.temperature, sampler_logprobs=sampler)
 
     def to(self, device) -> RolloutBatch:
-        moved = {name: getattr(self, name).to(device) for name in
-                 ("input_ids", "attention_mask", "action_mask", "rewards", "turn_mask", "group_ids")}
-        return RolloutBatch(**moved, rollouts=self.rollouts, temperature=self.temperature)
+        moved = {name: getattr(self, name).to(device) for name in _TENSORS}
+        sampler = self.sampler_logprobs.to(device) if self.sampler_logprobs is not None else None
+        return RolloutBatch(**moved, rollouts=self.rollouts, temperature=self.temperature,
+                            sampler_logprobs=sampler)
+
+
+def _sampler_logprobs(rollouts: Sequence[Rollout], width: int) -> torch.Tensor | None:
+    """``[B, width]`` left-padded sampler log-probs, or None when no rollout carries them."""
+    carried = [bool(r.sampler_logprobs) for r in rollouts]
+    if not any(carried):
+        return None
+    if not all(carried):
+        raise ValueError("sampler_logprobs: some rollouts of the batch carry them and others not")
+    out = torch.zeros(len(rollouts), width, dtype=torch.float32)
+    for row, rollout in enumerate(rollouts):
+        if len(rollout.sampler_logprobs) != len(rollout.token_ids):
+            raise ValueError(f"sampler_logprobs: rollout {row} has {len(rollout.sampler_logprobs)} "
+                             f"entries for {len(rollout.token_ids)} tokens")
+        out[row, width - len(rollout.token_ids):] = torch.tensor(rollout.sampler_logprobs)
+    return out
 
 
 def collate_rollouts(rollouts: Sequence[Rollout], pad_id: int, temperature: float = 1.0) -> RolloutBatch:
@@ -92,11 +116,13 @@ def collate_rollouts(rollouts: Sequence[Rollout], pad_id: int, temperature: floa
         group_ids=torch.tensor([r.group_id for r in rollouts], dtype=torch.long),
         rollouts=list(rollouts),
         temperature=temperature,
+        sampler_logprobs=_sampler_logprobs(rollouts, input_ids.shape[1]),
     )
 
 
-def turn_logprobs(model, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
-    """``[B, n]`` sums of the log-probabilities of each turn's sampled tokens, with gradients.
+def token_logprobs(model, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
+    """``[B, L]`` log-probability of each agent-sampled token (column j: log π(token j | tokens
+    before j), temperature applied), 0 at other positions; with gradients, fp32.
 
     One forward pass over the batch; the vocabulary projection runs on action positions only.
     """
@@ -105,15 +131,18 @@ def turn_logprobs(model, batch: RolloutBatch, temperature: float = 1.0) -> torch
     hidden = base.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                 position_ids=position_ids, use_cache=False).last_hidden_state
     # Token j is predicted from position j - 1.
-    acted = batch.action_mask[:, :, 1:].any(dim=1)  # [B, L-1]
-    rows, cols = acted.nonzero(as_tuple=True)
+    rows, cols = batch.action_mask[:, :, 1:].any(dim=1).nonzero(as_tuple=True)
     logits = base.get_output_embeddings()(hidden[rows, cols])
     targets = batch.input_ids[rows, cols + 1]
-    with torch.autocast(logits.device.type, enabled=False):  # fp32 sums under mixed precision
-        token_logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        token_logp = token_logp.gather(1, targets.unsqueeze(1)).squeeze(1)
-        per_token = torch.zeros(acted.shape, dtype=token_logp.dtype, device=token_logp.device)
-        per_token = per_token.index_put((rows, cols), token_logp)
-        return torch.einsum("bl,btl->bt", per_token, batch.action_mask[:, :, 1:].to(per_token.dtype))
+    with torch.autocast(logits.device.type, enabled=False):  # fp32 under mixed precision
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        logp = logp.gather(1, targets.unsqueeze(1)).squeeze(1)
+        per_token = torch.zeros(batch.input_ids.shape, dtype=logp.dtype, device=logp.device)
+        return per_token.index_put((rows, cols + 1), logp)
 
 
+def turn_logprobs(model, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
+    """``[B, n]`` sums of the log-probabilities of each turn's sampled tokens, with gradients."""
+    per_token = token_logprobs(model, batch, temperature)
+    with torch.autocast(per_token.device.type, enabled=False):
+        return torch.einsum("bl,btl->bt", per_token, batch.action_mask.to(per_token.dtype))
