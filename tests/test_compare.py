@@ -298,3 +298,20 @@ def test_study_tool_copies_the_contract_files(tmp_path):
     assert [p.name for p in copied] == list(study.FILES)
     assert (tmp_path / "results" / "lagged_payoff" / "comparison_paired.csv").read_text() == \
         "comparison_paired.csv\n"
+
+
+def test_compare_runs_the_lagged_payoff_study_config(tmp_path):
+    """The K-step study config stacks on the demo and runs end to end (tiny model, 1 epoch)."""
+    config = [str(CONFIGS / "experiment" / "demo.yaml"),
+              str(CONFIGS / "experiment" / "study" / "lagged_payoff.yaml"), CONFIG[1]]
+    rows = compare(config, policies="k2", seeds=1, out=str(tmp_path / "out"),
+                   overrides=[*FAST, "--data.init_args.val_group_size=1"])
+    assert [row["policy"] for row in rows] == ["k2"]
+    run = _rows(tmp_path / "out" / "comparison_runs.csv")[0]
+    turns = [float(run[f"final_reward_turn{t}"]) for t in range(6)]
+    assert "final_reward_turn6" not in run
+    # Each reward is (1 - 0.5) * clean + 0.5 * u with clean in [0, 1]; turn 0 has no payoff
+    # term, so its clean part is at most the cost, 0.25.
+    assert all(0.0 <= r < 1.0 for r in turns) and turns[0] < 0.5 * 0.25 + 0.5
+    config_yaml = (tmp_path / "out" / "runs" / "k2_seed0" / "version_0" / "config.yaml").read_text()
+    assert "ppg.problems.LaggedPayoff" in config_yaml and "max_new_tokens: 3" in config_yaml

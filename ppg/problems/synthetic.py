@@ -202,7 +202,6 @@ class SyntheticProblem(Problem):
     """Scripted conversations over ``TOPICS``; subclasses set the judge and the script."""
 
     prefix = "synthetic"
-    system_prompt = SYSTEM_PROMPT
 
     def __init__(self, n_turns: int):
         self.n_turns = _check(type(self).__name__, "n_turns", n_turns, 2, 64, integer=True)
@@ -214,7 +213,7 @@ class SyntheticProblem(Problem):
     def all_contexts(self, split: str) -> list[Context]:
         test = held_out(split)
         return [
-            Context(context_id=f"{self.prefix}-{i:02d}", agent_system_prompt=self.system_prompt,
+            Context(context_id=f"{self.prefix}-{i:02d}", agent_system_prompt=SYSTEM_PROMPT,
                     user_system_prompt="You are a curious user asking an assistant for ideas.",
                     opening=topic, user_lines=self.user_lines(i), meta={"problem": self.prefix})
             for i, topic in enumerate(TOPICS) if (i % 5 == 4) == test
@@ -314,14 +313,16 @@ class LaggedPayoff(SyntheticProblem):
     its expected gradient equals full planning's, but its credit sums delay + 1 rewards where
     full's sums n - t, and every added reward brings its hashed noise and the randomness of a
     later turn's own question. So K = delay + 1 should learn to ask fastest.
-    PLACEHOLDER
+
+    On paper (one shared ask probability p; this is ``ppg.theory.DelayedAsk`` with cost and
+    payoff scaled by 1 - noise and sigma = noise / sqrt(12)): with the defaults (n=6, delay 1,
+    cost 0.25, payoff 0.75, noise 0.5) at p = 0.1, the expected gradient is -0.068 (greedy)
+    and +0.101 (k2 and full); the leave-one-out variance per rollout 0.029 / 0.052 / 0.095, so
+    a batch of 16 has SNR 2.6 / 3.2 / 1.7, and the credit variance summed over turns (the
+    noise an LLM's high-dimensional gradient multiplies) 0.20 / 0.33 / 0.59 (docs/problems.md).
     """
 
     prefix = "lagged"
-    # Six turns fit the CPU budget only with short replies (24 new tokens), and a question must
-    # come early to fit: this prompt asks for one sentence and invites a question.
-    system_prompt = ("You are a friendly assistant chatting with a user. Reply in one short "
-                     "sentence, then ask the user a short question.")
 
     def __init__(self, n_turns: int = 6, delay: int = 1, cost: float = 0.25,
                  payoff: float = 0.75, noise: float = 0.5, feature: str = "question",
