@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from rank_record import CONFIGS, launch, record, same
 
 from ppg.models.sharding import check_shardable, decoder_layers, shard_policy
 from ppg.models.spec import as_spec
@@ -27,6 +26,8 @@ def test_fsdp_shards_decoder_layers_only(tiny_spec):
 
 
 def test_fsdp_two_processes_on_cpu_checkpoint_adapters_only_and_resume(tmp_path):
+    from rank_record import CONFIGS, launch, record, same  # lightning: not in spawned workers
+
     fsdp = ["--config", str(CONFIGS / "trainer" / "fsdp.yaml"), "--trainer.accelerator=cpu",
             "--trainer.devices=2"]
     launch(tmp_path, *fsdp, "--trainer.max_epochs=1", out="first", name="fsdp")
@@ -50,3 +51,60 @@ def test_fsdp_two_processes_on_cpu_checkpoint_adapters_only_and_resume(tmp_path)
     assert [r["global_step"] for r in resumed] == [4, 4]
     assert same(resumed[0]["adapters"], resumed[1]["adapters"])
     assert not same(resumed[0]["adapters"], first[0]["adapters"])
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.tanh(self.linear(x))
+
+
+class TwoBlocks(torch.nn.Module):
+    _no_split_modules = ("Block",)
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.Sequential(Block(), Block())
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+def _unequal_forwards(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ppg.models.sharding import release
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model, x = TwoBlocks(), torch.randn(3, 8)
+    expected = model(x).detach()
+    shard_policy(model, init_device_mesh("cpu", (2,)))
+    model.eval()
+    with torch.no_grad():  # sampling: rank 1 makes 3 more forwards than rank 0; no deadlock
+        outputs = [model(x) for _ in range(2 + 3 * rank)]
+    release(model)
+    model.train()
+    model(x).sum().backward()  # training forwards are collective again, gradients sharded
+    grad = model.blocks[0].linear.weight.grad
+    torch.save({"match": all(torch.allclose(o, expected) for o in outputs),
+                "grad_shape": tuple(grad.to_local().shape)}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_fsdp_sampling_forwards_need_not_match_across_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_unequal_forwards, args=(port, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result == {"match": True, "grad_shape": (4, 8)}  # 8 rows sharded over 2 ranks
