@@ -196,3 +196,14 @@ def test_gpu_check_refuses_without_cuda_in_one_line():
     assert result.stderr.strip().splitlines() == [
         "gpu_check: no CUDA device (torch.cuda.is_available() is False); nothing was run"]
     assert result.stdout == ""
+
+
+def test_prepare_kbit_is_opt_in_and_casts_unquantized_weights_to_fp32(tiny_spec):
+    from ppg.models import load_policy
+
+    spec = {**tiny_spec, "quantization": "nf4", "dtype": "bfloat16"}
+    norm_dtypes = []
+    for prepare in (False, True):
+        policy, _ = load_policy({**spec, "prepare_kbit": prepare})
+        norm_dtypes.append({p.dtype for n, p in policy.named_parameters() if "norm" in n})
+    assert norm_dtypes == [{torch.bfloat16}, {torch.float32}]
