@@ -9,7 +9,8 @@ import lightning as L
 
 class RolloutThroughput(L.Callback):
     """Logs ``rollout/tokens_per_s`` (generated agent + user tokens over generation time, per
-    epoch) and ``train/tokens_per_s`` (tokens through forward+backward per second of updates)."""
+    epoch), ``train/tokens_per_s`` (tokens through forward+backward per second of updates) and
+    ``sampler/sync_s`` (seconds the sampler took to load the epoch's adapters)."""
 
     def on_train_epoch_start(self, trainer, pl_module):
         stats = getattr(trainer.datamodule, "last_stats", None)
@@ -17,6 +18,9 @@ class RolloutThroughput(L.Callback):
             rates = stats.tokens_per_s()
             pl_module.log("rollout/tokens_per_s", rates["total"], on_epoch=True, sync_dist=True)
             pl_module.log("rollout/agent_tokens_per_s", rates["agent"], on_epoch=True, sync_dist=True)
+        sync_s = getattr(trainer.datamodule, "last_sync_s", None)
+        if sync_s is not None:  # seconds the sampler took to load the latest adapters
+            pl_module.log("sampler/sync_s", float(sync_s), on_epoch=True, sync_dist=True)
         self._tokens, self._seconds = 0, 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LightningCLI
 from ppg.clients import EndpointError
 from ppg.data import ConversationDataModule
 from ppg.module import PartialPolicyGradientModule
+from ppg.rollout.samplers.base import SamplerError
 
 # name -> "module:function"; each function is exposed through jsonargparse (typed arguments).
 COMMANDS = {
@@ -25,9 +26,9 @@ COMMANDS = {
     "export": ("ppg.commands.export:export", "a checkpoint's adapters as a peft folder (or a merged model)"),
 }
 assert all(target.startswith("ppg.") and ":" in target for target, _ in COMMANDS.values())
-# Bad input and the failures a run stops on (judge down, non-finite loss): one line, no traceback
-# (set PPG_DEBUG=1 for the traceback).
-ONE_LINE_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, EndpointError)  # JudgeError too
+# Bad input and the failures a run stops on (judge or sampler server down, non-finite loss):
+# one line, no traceback (set PPG_DEBUG=1 for the traceback). JudgeError is an EndpointError.
+ONE_LINE_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, EndpointError, SamplerError)
 
 
 def _commands_epilog() -> str:

@@ -11,7 +11,15 @@ from torch.utils.data import DataLoader, IterableDataset
 from ppg.jsonl import read_jsonl
 from ppg.judges.base import Judge
 from ppg.problems.base import Problem
-from ppg.rollout import Rollout, RolloutEngine, Sampling, collate_rollouts, rollout_from_messages
+from ppg.rollout import (
+    HFSampler,
+    Rollout,
+    RolloutEngine,
+    Sampler,
+    Sampling,
+    collate_rollouts,
+    rollout_from_messages,
+)
 from ppg.rollout.users import ScriptedUser, UserSimulator
 from ppg.types import Context
 
@@ -76,13 +84,18 @@ class RolloutDataModule(ConversationDataModule):
         max_context_tokens: conversations longer than this end early.
         seed: base seed of context sampling and generation.
         progress: show a progress bar while rolling out.
+        sampler: who samples the agent's turns: ``ppg.rollout.HFSampler`` (default, the policy
+            itself), ``ppg.rollout.VLLMSampler`` (in-process vLLM) or ``ppg.rollout.ServedSampler``
+            (an OpenAI-compatible server). The policy's adapters reach it before every rollout
+            phase that follows an optimizer step (``last_sync_s``: seconds of the latest sync).
     """
 
     def __init__(self, problem: Problem, judge: Judge | None = None, user: UserSimulator | None = None,
                  n_turns: int | None = None, rollouts_per_epoch: int = 32, group_size: int = 4,
                  batch_size: int = 8, val_contexts: int = 8, val_group_size: int = 1,
                  sampling: Sampling | None = None, generation_batch_size: int = 32,
-                 max_context_tokens: int = 2048, seed: int = 0, progress: bool = True):
+                 max_context_tokens: int = 2048, seed: int = 0, progress: bool = True,
+                 sampler: Sampler | None = None):
         super().__init__()
         if batch_size % group_size:
             raise ValueError(f"data.batch_size ({batch_size}) must be a multiple of data.group_size ({group_size})")
@@ -98,6 +111,9 @@ class RolloutDataModule(ConversationDataModule):
         self.sampling = sampling or Sampling()
         self.generation_batch_size, self.max_context_tokens = generation_batch_size, max_context_tokens
         self.seed, self.progress = seed, progress
+        self.sampler = sampler or HFSampler()
+        self.last_sync_s: float | None = None
+        self._synced_step: int | None = None
         self.last_stats = None
         self.last_eval_rollouts: list[Rollout] = []
         self._epoch_rollouts: tuple[int, list[Rollout]] | None = None
@@ -111,9 +127,13 @@ class RolloutDataModule(ConversationDataModule):
         module = self.trainer.lightning_module
         if self.judge is None:
             self.judge = self.problem.default_judge()
+        self.sampler.bind(module.policy, module.tokenizer, module.spec)
+        if self._synced_step != self.trainer.global_step:  # adapters changed since the last sync
+            self.last_sync_s = self.sampler.update_adapters(module.policy)
+            self._synced_step = self.trainer.global_step
         return RolloutEngine(module.policy, module.tokenizer, self.judge, self.user, self.n_turns,
                              self.sampling, group_size, self.generation_batch_size,
-                             self.max_context_tokens, progress=self.progress)
+                             self.max_context_tokens, progress=self.progress, sampler=self.sampler)
 
     def _shard(self, contexts: list[Context]) -> tuple[list[Context], int]:
         world, rank = self.trainer.world_size, self.trainer.global_rank
@@ -159,6 +179,10 @@ class RolloutDataModule(ConversationDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._held_out()
+
+    def teardown(self, stage: str) -> None:
+        self.sampler.close()  # stops an engine's processes; a later rollout starts it again
+        self._synced_step = None
 
     def state_dict(self) -> dict:
         if self._epoch_rollouts is None:
