@@ -111,3 +111,36 @@ def test_cut_at_stop_keeps_the_stop_token_and_names_the_reason():
     turn = cut_at_stop([5, 6, 2, 7], [-1.0, -2.0, -3.0, -4.0], stops=[2], limit=4)
     assert (turn.token_ids, turn.logprobs, turn.stop_reason) == ([5, 6, 2], [-1.0, -2.0, -3.0], "stop")
     assert cut_at_stop([5, 6], [-1.0, -2.0], stops=[2], limit=2).stop_reason == "length"
+
+
+def test_dequantized_base_holds_the_trainers_nf4_weights_and_is_cached(tmp_path, monkeypatch):
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+
+    import ppg.models.loading
+    from ppg.models import load_base_model
+    from ppg.models.dequantized import dequantized_base_dir
+
+    monkeypatch.setenv("PPG_HOME", str(tmp_path))
+    spec = {"name_or_path": "embedded:tiny-random-llama", "quantization": "nf4"}
+    folder = dequantized_base_dir(spec, dtype="float32")
+    assert folder == tmp_path / "dequantized" / "tiny-random-llama-seed0-nf4-float32"
+    saved = load_file(str(folder / "model.safetensors"))
+    quantized, _ = load_base_model(spec)
+    plain, _ = load_base_model({**spec, "quantization": "none"})
+    layer = quantized.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, bnb.nn.Linear4bit)
+    expected = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(saved[name], expected.float())  # exactly the trainer's nf4 values
+    assert (saved[name] - plain.model.layers[0].self_attn.q_proj.weight).abs().max() > 1e-3
+
+    def no_reload(*args, **kwargs):
+        raise AssertionError("the cached copy was loaded again")
+
+    monkeypatch.setattr(ppg.models.loading, "load_base_model", no_reload)
+    assert dequantized_base_dir(spec, dtype="float32") == folder
+    assert dequantized_base_dir({"name_or_path": str(folder), "quantization": "none"}) == folder
+    (folder / "model.safetensors").write_bytes(b"truncated")  # a broken copy is rebuilt
+    with pytest.raises(AssertionError, match="loaded again"):
+        dequantized_base_dir(spec, dtype="float32")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -79,11 +80,17 @@ def dequantized_base_dir(spec: ModelSpec | dict | None = None, dtype: str = "bfl
         model = model.dequantize()
     model = model.to(DTYPES[dtype])
     model.config.dtype = DTYPES[dtype]
-    staging = directory.with_name(directory.name + ".partial")
+    staging = directory.with_name(f"{directory.name}.partial-{os.getpid()}")  # one per DDP rank
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     (staging / _MARKER).write_text(json.dumps({"source": record, "weights": _checksum(staging)}, indent=2))
-    shutil.rmtree(directory, ignore_errors=True)
-    staging.rename(directory)
+    try:
+        if directory.exists() and not _is_complete(directory, record):
+            shutil.rmtree(directory, ignore_errors=True)
+        staging.rename(directory)
+    except OSError:  # another process finished the same copy first
+        shutil.rmtree(staging, ignore_errors=True)
+        if not _is_complete(directory, record):
+            raise
     return directory
