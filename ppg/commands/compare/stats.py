@@ -98,7 +98,8 @@ def paired_differences(summaries: list[dict], labels: list[str], key: str = "fin
 
     Seeds pair runs: every class trained with seed s saw the same contexts and sampling seed.
     "Best other" is the other class with the highest mean ``key``. ``winner`` is True only for
-    a class whose interval lies wholly above 0 (it beats every other class on paired seeds).
+    a class whose paired interval against that best other class lies wholly above 0; the
+    differences to the remaining classes are reported but not part of the rule.
     Rows also hold each pairwise difference as ``minus_<other>`` with its ``_ci95``.
     """
     by_label = {label: {s["seed"]: s[key] for s in summaries if s["policy"] == label} for label in labels}
