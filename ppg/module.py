@@ -30,7 +30,14 @@ from ppg.models.sharding import (
     release,
     shard_policy,
 )
-from ppg.objective import BASELINES, TokenLoss, kl_penalty, partial_advantages, token_pg_loss
+from ppg.objective import (
+    BASELINES,
+    TokenLoss,
+    kl_penalty,
+    masked_turn_means,
+    partial_advantages,
+    token_pg_loss,
+)
 from ppg.rollout import RolloutBatch, turn_logprobs
 from ppg.rollout.batch import token_logprobs
 from ppg.subsets import FullPlanning, RewardSubset
@@ -236,15 +243,14 @@ class PartialPolicyGradientModule(L.LightningModule):
         self._log_rewards("test", batch)
 
     def _log_rewards(self, stage: str, batch: RolloutBatch):
-        mask = batch.turn_mask.float()
         size = batch.rewards.shape[0]
-        valid = mask.sum().clamp(min=1)
-        self.log(f"{stage}/reward_mean", (batch.rewards * mask).sum() / valid, batch_size=size,
-                 sync_dist=True, prog_bar=True)
+        mean, per_turn = masked_turn_means(batch.rewards, batch.turn_mask)
+        # a turn no row of this batch reached counts as 0 with weight 0 in the epoch mean
+        self.log(f"{stage}/reward_mean", mean.nan_to_num(0.0), batch_size=size, sync_dist=True,
+                 prog_bar=True)
         for turn in range(batch.n_turns):
-            count = mask[:, turn].sum().clamp(min=1)
-            self.log(f"{stage}/reward_turn{turn}", (batch.rewards[:, turn] * mask[:, turn]).sum() / count,
-                     batch_size=size, sync_dist=True)
+            self.log(f"{stage}/reward_turn{turn}", per_turn[turn].nan_to_num(0.0), batch_size=size,
+                     sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}

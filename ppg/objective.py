@@ -27,6 +27,7 @@ __all__ = [
     "TokenLoss",
     "advantage_weighted_loss",
     "kl_penalty",
+    "masked_turn_means",
     "partial_advantages",
     "partial_pg_loss",
     "token_pg_loss",
@@ -262,3 +263,16 @@ def kl_penalty(
     d = torch.where(mask, ref_logprobs.detach() - logprobs, zero)
     kl = -d if estimator == "k1" else d.exp() - d - 1
     return torch.where(mask, kl, zero).sum() / logprobs.shape[0]
+
+
+def masked_turn_means(rewards: torch.Tensor, turn_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean reward over the turns that happened (scalar) and per turn (``[n]``).
+
+    ``rewards`` and ``turn_mask`` are ``[B, n]``; a turn no row reached has mean NaN, and so
+    does the overall mean of a batch where no turn happened.
+    """
+    _check_2d("rewards", rewards)
+    mask = _as_mask(turn_mask, rewards, "rewards").to(rewards.dtype)
+    kept = torch.where(mask.bool(), rewards, rewards.new_zeros(()))
+    per_turn = kept.sum(0) / mask.sum(0)
+    return kept.sum() / mask.sum(), per_turn

@@ -392,3 +392,13 @@ def test_kl_estimators_unbiased_and_k3_gradient():
     reverse = (ref.exp() * (ref - logp)).sum()
     g_rev = torch.autograd.grad(reverse, logits)[0]
     assert torch.allclose(g_k3, g_rev, atol=1e-12)
+
+
+def test_masked_turn_means_skip_turns_that_did_not_happen():
+    from ppg.objective import masked_turn_means
+
+    rewards = torch.tensor([[1.0, 0.5, float("nan")], [0.0, 0.25, 9.0]])
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+    mean, per_turn = masked_turn_means(rewards, mask)
+    assert mean.item() == pytest.approx(1.75 / 4)
+    assert per_turn[:2].tolist() == [0.5, 0.375] and math.isnan(per_turn[2].item())

@@ -8,8 +8,11 @@ import math
 import shutil
 from pathlib import Path
 
+import torch
+
 from ppg.commands.compare.run import csv_logger_arg, run_cli, write_json
 from ppg.commands.compare.stats import mean_ci, write_csv
+from ppg.objective import masked_turn_means
 
 
 def _resolve_ckpt(ckpt: str) -> Path:
@@ -25,16 +28,9 @@ def _resolve_ckpt(ckpt: str) -> Path:
 
 
 def _turn_means(rollouts) -> tuple[float, list[float]]:
-    n_turns = max(len(r.rewards) for r in rollouts)
-    sums, counts = [0.0] * n_turns, [0] * n_turns
-    for rollout in rollouts:
-        for t, (reward, happened) in enumerate(zip(rollout.rewards, rollout.turn_mask)):
-            if happened:
-                sums[t] += reward
-                counts[t] += 1
-    total = sum(counts)
-    return (sum(sums) / total if total else math.nan,
-            [s / c if c else math.nan for s, c in zip(sums, counts)])
+    rewards = torch.tensor([r.rewards for r in rollouts], dtype=torch.float64)
+    mean, per_turn = masked_turn_means(rewards, torch.tensor([r.turn_mask for r in rollouts]))
+    return float(mean), per_turn.tolist()
 
 
 def _metric_rows(label: str, metric: str, per_turn: list[list[float]]) -> list[dict]:
