@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ppg.rollout.samplers.base import Sampling
-from ppg.rollout.samplers.hf import generate_replies
+from ppg.rollout.samplers.base import Sampling, stop_token_ids
+from ppg.rollout.samplers.hf import HFSampler, chat_prompt_ids, generate_replies
 from ppg.types import Context, History
 
 
@@ -26,6 +26,9 @@ class UserSimulator:
 
     def bind(self, policy, tokenizer) -> None:
         pass
+
+    def reset(self) -> None:
+        """Free per-conversation state (e.g. a KV cache) once a batch of conversations is done."""
 
     def respond(self, contexts: Sequence[Context], histories: Sequence[History], turn: int) -> list[str | None]:
         raise NotImplementedError
@@ -63,17 +66,56 @@ class _ModelBackedUser(UserSimulator):
 class SelfPlayUser(_ModelBackedUser):
     """The policy's own base model with LoRA adapters disabled, playing the user's role prompt.
 
-    Uses the already-loaded policy (no second copy of the weights in memory).
+    Uses the already-loaded policy (no second copy of the weights in memory). With ``reuse_cache``
+    (default) each conversation keeps its tokens and KV cache from one user turn to the next: a
+    turn encodes only the template tokens around what the agent said since, and the user's own
+    earlier replies stay as sampled. ``reset`` (or the next ``bind``) frees the cache.
     """
 
+    def __init__(self, sampling: Sampling | None = None, reuse_cache: bool = True):
+        super().__init__(sampling)
+        self.reuse_cache = reuse_cache
+        self.sampler = HFSampler()
+        self._tokens: dict[int, tuple[int, list[int]]] = {}  # key -> (view length, cached tokens)
+
     def bind(self, policy, tokenizer):
+        # Deferred: the engine imports this module; the segments only need the tokenizer.
+        from ppg.rollout.engine import ChatTemplateSegments
+
         self.policy, self.tokenizer = policy, tokenizer
+        self.segments = ChatTemplateSegments(tokenizer)
+        self.stops = set(stop_token_ids(tokenizer))
+        self.sampler.bind(policy, tokenizer)
+        self.reset()
+
+    def reset(self) -> None:
+        self.sampler.reset()
+        self._tokens = {}
 
     def respond(self, contexts, histories, turn):
         if not hasattr(self, "policy"):
             raise RuntimeError("SelfPlayUser is not bound to a policy; the rollout engine binds it")
+        views = [user_view(c, h) for c, h in zip(contexts, histories)]
+        # A conversation's history is the same list from turn to turn: its id keys the cache.
+        keys = [id(history) for history in histories] if self.reuse_cache else None
+        if keys is None or len(set(keys)) < len(keys):  # one list for several rows: no cache
+            keys, prompts = None, [chat_prompt_ids(self.tokenizer, view) for view in views]
+        else:
+            prompts = [self._prompt(key, view) for key, view in zip(keys, views)]
         with self.policy.disable_adapter():
-            return self._generate(self.policy, self.tokenizer, contexts, histories)
+            turns = self.sampler.sample(prompts, self.sampling, keys=keys)
+        if keys is not None:
+            self._tokens = {key: (len(view), prompt + turn.token_ids)
+                            for key, view, prompt, turn in zip(keys, views, prompts, turns)}
+        return [self.tokenizer.decode(t.token_ids, skip_special_tokens=True).strip() for t in turns]
+
+    def _prompt(self, key: int, view: list[dict]) -> list[int]:
+        """The cached tokens plus the agent's new line in the template, or the whole view."""
+        length, tokens = self._tokens.get(key, (None, None))
+        if tokens is None or length + 2 != len(view):
+            return chat_prompt_ids(self.tokenizer, view)
+        stop_text = self.tokenizer.decode(tokens[-1:]) if tokens[-1] in self.stops else None
+        return tokens + self.segments.after_agent(view[-1]["content"], stop_text)
 
 
 class ModelUser(_ModelBackedUser):
