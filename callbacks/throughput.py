@@ -10,7 +10,12 @@ import lightning as L
 class RolloutThroughput(L.Callback):
     """Logs ``rollout/tokens_per_s`` (generated agent + user tokens over generation time, per
     epoch), ``train/tokens_per_s`` (tokens through forward+backward per second of updates) and
-    ``sampler/sync_s`` (seconds the sampler took to load the epoch's adapters)."""
+    ``sampler/sync_s`` (seconds the sampler took to load the epoch's adapters).
+
+    Not Lightning's ``ThroughputMonitor``: it times from the start of training, so an epoch's
+    rollouts (made when its dataloader is built) would count as training time, and its rates
+    appear only once a window of batches is full (two updates per epoch in the demo).
+    """
 
     def on_train_epoch_start(self, trainer, pl_module):
         stats = getattr(trainer.datamodule, "last_stats", None)
