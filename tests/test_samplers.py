@@ -144,3 +144,13 @@ def test_dequantized_base_holds_the_trainers_nf4_weights_and_is_cached(tmp_path,
     (folder / "model.safetensors").write_bytes(b"truncated")  # a broken copy is rebuilt
     with pytest.raises(AssertionError, match="loaded again"):
         dequantized_base_dir(spec, dtype="float32")
+
+
+def test_sampler_classes_import_without_vllm_or_openai():
+    import subprocess
+    import sys
+
+    code = ("import sys; from ppg.rollout import HFSampler, VLLMSampler, ServedSampler; "
+            "print(sorted(m for m in ('vllm', 'openai') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

