@@ -78,7 +78,8 @@ def evaluate_scores(scores: list[float], labels: list[str]) -> dict:
     result = {"overall": separation(scores, [label == "consistent" for label in labels])}
     for other in ("contradicting", "off_topic"):
         kept = [(s, label) for s, label in zip(scores, labels) if label in ("consistent", other)]
-        result[f"vs_{other}"] = separation([s for s, _ in kept], [label == "consistent" for _, label in kept])
+        result[f"vs_{other}"] = (separation([s for s, _ in kept], [label == "consistent" for _, label in kept])
+                                 if other in labels else {"accuracy": None, "auroc": None, "n": 0})
     result["mean"] = {}
     for label in LABELS:
         values = [s for s, lab in zip(scores, labels) if lab == label and not math.isnan(s)]
