@@ -10,7 +10,8 @@ import lightning as L
 class RolloutThroughput(L.Callback):
     """Logs ``rollout/tokens_per_s`` (generated agent + user tokens over generation time, per
     epoch), ``train/tokens_per_s`` (tokens through forward+backward per second of updates) and
-    ``sampler/sync_s`` (seconds the sampler took to load the epoch's adapters).
+    ``sampler/sync_s`` (seconds the sampler took to load the epoch's adapters), and
+    ``judge/parse_failures`` (unreadable judge replies so far) for judges that count them.
 
     Not Lightning's ``ThroughputMonitor``: it times from the start of training, so an epoch's
     rollouts (made when its dataloader is built) would count as training time, and its rates
@@ -26,6 +27,10 @@ class RolloutThroughput(L.Callback):
         sync_s = getattr(trainer.datamodule, "last_sync_s", None)
         if sync_s is not None:  # seconds the sampler took to load the latest adapters
             pl_module.log("sampler/sync_s", float(sync_s), on_epoch=True, sync_dist=True)
+        failures = getattr(getattr(trainer.datamodule, "judge", None), "parse_failures", None)
+        if isinstance(failures, int):
+            pl_module.log("judge/parse_failures", float(failures), on_epoch=True, reduce_fx="max",
+                          sync_dist=True)
         self._tokens, self._seconds = 0, 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
