@@ -124,7 +124,7 @@ def test_dequantized_base_holds_the_trainers_nf4_weights_and_is_cached(tmp_path,
     monkeypatch.setenv("PPG_HOME", str(tmp_path))
     spec = {"name_or_path": "embedded:tiny-random-llama", "quantization": "nf4"}
     folder = dequantized_base_dir(spec, dtype="float32")
-    assert folder == tmp_path / "dequantized" / "tiny-random-llama-seed0-nf4-float32"
+    assert folder == tmp_path / "dequantized" / "tiny-random-llama-seed0-nf4-float32-float32"
     saved = load_file(str(folder / "model.safetensors"))
     quantized, _ = load_base_model(spec)
     plain, _ = load_base_model({**spec, "quantization": "none"})
@@ -140,6 +140,7 @@ def test_dequantized_base_holds_the_trainers_nf4_weights_and_is_cached(tmp_path,
 
     monkeypatch.setattr(ppg.models.loading, "load_base_model", no_reload)
     assert dequantized_base_dir(spec, dtype="float32") == folder
+    assert dequantized_base_dir({**spec, "dtype": "float32"}, dtype="float32") == folder  # = auto on CPU
     assert dequantized_base_dir({"name_or_path": str(folder), "quantization": "none"}) == folder
     (folder / "model.safetensors").write_bytes(b"truncated")  # a broken copy is rebuilt
     with pytest.raises(AssertionError, match="loaded again"):

