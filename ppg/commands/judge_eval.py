@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ppg.jsonl import read_jsonl
 from ppg.judges.base import Judge, JudgeRequest
 from ppg.types import Context
 
@@ -24,13 +25,7 @@ def load_labelled(path: str | Path = DEFAULT_DATA) -> list[dict]:
     """Rows ``{"persona": [facts], "line": str, "label": one of LABELS}`` from a JSONL file,
     optionally with ``"history": [[role, text], ...]`` (what was said before the line)."""
     rows = []
-    for number, text in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except ValueError as error:
-            raise ValueError(f"{path}:{number}: not JSON ({error})") from None
+    for number, row in read_jsonl(path, "labelled lines"):
         history = row.get("history", [])
         if not (isinstance(row.get("persona"), list) and isinstance(row.get("line"), str)
                 and row.get("label") in LABELS and isinstance(history, list)
@@ -38,8 +33,6 @@ def load_labelled(path: str | Path = DEFAULT_DATA) -> list[dict]:
             raise ValueError(f"{path}:{number}: expected persona (list), line (str), "
                              f"label in {LABELS}, optional history ([[role, text], ...])")
         rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no labelled lines")
     return rows
 
 

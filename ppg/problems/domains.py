@@ -9,10 +9,10 @@ and is rewarded for staying consistent with its persona. The personas live in
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from ppg.jsonl import read_jsonl
 from ppg.problems.base import Context, Problem
 from ppg.problems.persona_chat import held_out
 
@@ -29,23 +29,12 @@ def _bullets(facts: list[str]) -> str:
 
 def load_personas(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
     """JSONL records from ``path``; a one-line error names the file, line and missing key."""
-    if not path.is_file():
-        raise FileNotFoundError(f"persona file {path} does not exist")
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: invalid JSON ({error.msg})") from None
-            missing = [key for key in required if not record.get(key)]
-            if missing:
-                raise ValueError(f"{path}:{number}: missing {', '.join(map(repr, missing))}")
-            records.append(record)
-    if not records:
-        raise ValueError(f"{path}: no personas")
+    for number, record in read_jsonl(path, "persona"):
+        missing = [key for key in required if not record.get(key)]
+        if missing:
+            raise ValueError(f"{path}:{number}: missing {', '.join(map(repr, missing))}")
+        records.append(record)
     return records
 
 
