@@ -419,6 +419,13 @@ print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
 
+
+def _shown(command: list[str]) -> str:
+    """The command as a person would type it in the repository: no interpreter or repo paths."""
+    words = ["python" if word == sys.executable else word.replace(f"{ROOT}/", "") for word in command]
+    return shlex.join(words)
+
+
 def run_measured(command: list[str], timeout: float, threads: int | None = None) -> dict:
     """Wall seconds and peak RSS of ``command`` run in a fresh wrapper process (with
     ``OMP_NUM_THREADS=threads`` if given)."""
@@ -431,12 +438,12 @@ def run_measured(command: list[str], timeout: float, threads: int | None = None)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)  # the wrapper and the command it started
         process.communicate()
-        return {"command": shlex.join(command), "error": f"timed out after {timeout:.0f}s"}
+        return {"command": _shown(command), "error": f"timed out after {timeout:.0f}s"}
     try:
         code, kilobytes = map(int, stdout.split()[-2:])
     except ValueError:
-        return {"command": shlex.join(command), "error": stderr.strip()[-500:]}
-    result = {"command": shlex.join(command), "returncode": code, "peak_rss_mb": kilobytes / 1024,
+        return {"command": _shown(command), "error": stderr.strip()[-500:]}
+    result = {"command": _shown(command), "returncode": code, "peak_rss_mb": kilobytes / 1024,
               "seconds": time.perf_counter() - started}
     if code != 0:
         result["error"] = stderr.strip()[-500:] or f"exit code {code}"
