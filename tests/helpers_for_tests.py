@@ -1,7 +1,7 @@
 """Importable from configs in tests (pytest puts tests/ on sys.path)."""
 
-from ppg.judges.base import Judge
 from ppg.judges import JudgeError
+from ppg.judges.base import Judge
 
 
 class FailingJudge(Judge):

@@ -15,6 +15,7 @@ from typing import Any
 from ppg.jsonl import read_jsonl
 from ppg.problems.base import Context, Problem
 from ppg.problems.persona_chat import held_out
+from ppg.types import check_n_turns
 
 DATA_DIR = Path(__file__).parent / "data"
 TEST_EVERY = 5
@@ -49,8 +50,7 @@ class PersonaDomain(Problem):
     required: tuple[str, ...] = ("id", "name", "opening", "user_lines")
 
     def __init__(self, n_turns: int = 4, personas: str | None = None):
-        if isinstance(n_turns, bool) or not isinstance(n_turns, int) or n_turns < 1:
-            raise ValueError(f"{type(self).__name__}: n_turns must be an int >= 1, got {n_turns!r}")
+        check_n_turns(type(self).__name__, n_turns)
         self.n_turns = n_turns
         self.path = Path(personas) if personas else DATA_DIR / f"{self.domain}.jsonl"
         self._records: list[dict[str, Any]] | None = None

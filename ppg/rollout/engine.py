@@ -20,7 +20,7 @@ from ppg.rollout.batch import Rollout
 from ppg.rollout.samplers.base import SampledTurn, Sampler, Sampling, stop_token_ids
 from ppg.rollout.samplers.hf import HFSampler
 from ppg.rollout.users import ScriptedUser, UserSimulator
-from ppg.types import Context, JudgeRequest
+from ppg.types import Context, JudgeRequest, check_n_turns
 
 _MARK = "\x00PPG-TURN\x00"
 
@@ -94,8 +94,7 @@ class RolloutEngine:
                  n_turns: int = 4, sampling: Sampling | None = None, group_size: int = 4,
                  batch_size: int = 32, max_context_tokens: int = 2048, progress: bool = True,
                  reuse_cache: bool = True, sampler: Sampler | None = None):
-        if n_turns < 1:
-            raise ValueError(f"n_turns must be >= 1, got {n_turns}")
+        check_n_turns("RolloutEngine", n_turns)
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         self.policy, self.tokenizer, self.judge = policy, tokenizer, judge
@@ -127,6 +126,8 @@ class RolloutEngine:
         finally:
             self.policy.train(was_training)
             bar.close()
+            self.sampler.reset()
+            self.user.reset()  # a model user's cache is not needed until the next phase
             trim_heap()  # the KV caches of a rollout phase are large and short-lived
         return rollouts
 
