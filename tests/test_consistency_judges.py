@@ -64,7 +64,8 @@ def test_prompt_to_line_rewards_from_text_and_logprobs():
     assert rewards[:2] == [1.0, 0.0]
     assert rewards[2] == pytest.approx(p_no / (p_no + p_yes), abs=1e-12)
     assert server.count == 3 and judge.stats["parse_failures"] == 0
-    body = server.bodies[0]
+    # requests run concurrently: find turn 0's by its line, not by arrival order
+    body = next(b for b in server.bodies if "I walk my dogs." in asked(b))
     assert body["logprobs"] is True and body["top_logprobs"] == 20 and body["temperature"] == 0.0
     assert "- I have two dogs." in asked(body) and '"Hi!"' in asked(body)  # persona and partner's line
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from ppg.clients import ReplyError
 from ppg.judges.backends import JudgeBackend, JudgeError, LocalBackend
 from ppg.judges.base import Judge, JudgeRequest
+from ppg.judges.lm import check_template
 from ppg.types import Context
 
 __all__ = ["ConsistencyJudge", "LineToLineJudge", "PromptToLineJudge", "QAConsistencyJudge"]
@@ -57,18 +58,6 @@ GRADE = (
     "Does the answer they gave agree with the answer from the description? The same "
     "information in other words agrees. Answer yes or no."
 )
-
-
-def check_question(template: str, fields: tuple[str, ...]) -> str:
-    """``template`` if it formats with ``fields`` and holds ``{line}``; one-line ValueError else."""
-    try:
-        template.format(**{field: "" for field in fields})
-    except (KeyError, IndexError, ValueError) as error:
-        raise ValueError(f"question template is invalid ({type(error).__name__}: {error}); fields: "
-                         f"{', '.join('{' + f + '}' for f in fields)}") from None
-    if "{line}" not in template:
-        raise ValueError("question template must contain {line}")
-    return template
 
 
 def persona_text(context: Context) -> str:
@@ -154,7 +143,7 @@ class PromptToLineJudge(ConsistencyJudge):
     def __init__(self, backend: JudgeBackend | None = None, on_parse_failure: str = "raise",
                  question: str = PROMPT_TO_LINE):
         super().__init__(backend, on_parse_failure)
-        self.question = check_question(question, ("persona", "previous", "line"))
+        self.question = check_template(question, "question", ("persona", "previous", "line"))
 
     def prompt(self, request: JudgeRequest) -> list[dict]:
         previous = next((text for role, text in reversed(request.history) if role == "user"), "")
@@ -181,7 +170,7 @@ class LineToLineJudge(ConsistencyJudge):
     def __init__(self, backend: JudgeBackend | None = None, on_parse_failure: str = "raise",
                  question: str = LINE_TO_LINE):
         super().__init__(backend, on_parse_failure)
-        self.question = check_question(question, ("history", "line"))
+        self.question = check_template(question, "question", ("history", "line"))
 
     def prompt(self, request: JudgeRequest) -> list[dict]:
         content = self.question.format(history=transcript(request.history), line=request.line)

@@ -19,15 +19,18 @@ DEFAULT_QUESTION = (
 TEMPLATE_FIELDS = ("persona", "line", "history", "turn")
 
 
-def check_template(template: str, argument: str) -> None:
-    """One-line ValueError naming ``argument`` if ``template`` is not a usable prompt template."""
+def check_template(template: str, argument: str,
+                   fields: tuple[str, ...] = TEMPLATE_FIELDS) -> str:
+    """``template`` if it formats with ``fields`` and holds ``{line}``; else a one-line ValueError
+    naming ``argument``."""
     try:
-        template.format(**{field: "" for field in TEMPLATE_FIELDS})
+        template.format(**{field: "" for field in fields})
     except (KeyError, IndexError, ValueError) as error:
         raise ValueError(f"{argument} template is invalid ({type(error).__name__}: {error}); "
-                         f"fields: {', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}") from None
+                         f"fields: {', '.join('{' + f + '}' for f in fields)}") from None
     if "{line}" not in template:
         raise ValueError(f"{argument} template must contain {{line}}")
+    return template
 
 
 def render(template: str, request: JudgeRequest) -> str:
