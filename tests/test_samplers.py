@@ -52,6 +52,29 @@ def test_hf_logprobs_are_the_sampling_distribution_with_top_p(tiny_policy):
             assert min(deltas) > 0.1
 
 
+def test_draw_and_record_draws_from_the_scores_distribution():
+    """Inverse-CDF draws: frequencies match softmax(scores), masked tokens never come, the
+    recorded log-prob is the drawn token's, and only the drawn token is left for argmax."""
+    from ppg.rollout.samplers.hf import DrawAndRecord
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, generator=gen) * 2
+    logits[[3, 17, 40]] = float("-inf")  # what top_p leaves outside the nucleus
+    rows = 40_000
+    scores = logits.repeat(rows, 1)
+    recorder = DrawAndRecord()
+    torch.manual_seed(1)
+    out = recorder(torch.zeros(rows, 1, dtype=torch.long), scores.clone())
+    drawn = out.argmax(-1)
+    assert torch.isfinite(out).sum(-1).eq(1).all()
+    frequencies = torch.bincount(drawn, minlength=50).float() / rows
+    probs = torch.softmax(logits, -1)
+    assert frequencies[[3, 17, 40]].sum() == 0
+    assert (frequencies - probs).abs().max() < 4 * (probs * (1 - probs) / rows).sqrt().max()
+    logprobs = recorder.result(drawn[:, None])[:, 0]
+    torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1)[drawn])
+
+
 def test_finished_conversations_leave_the_generation_batch(tiny_policy):
     policy, tokenizer = tiny_policy
     rows = []

@@ -18,37 +18,40 @@ from ppg.rollout.samplers.base import SampledTurn, Sampler, Sampling, left_pad, 
 
 
 def _generate_kwargs(tokenizer, sampling: Sampling) -> dict:
-    return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
-            "top_k": 0, "max_new_tokens": sampling.max_new_tokens,
+    """``generate`` arguments around ``DrawAndRecord``: it draws, so ``generate`` takes argmax."""
+    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None,
+            "max_new_tokens": sampling.max_new_tokens,
             "eos_token_id": stop_token_ids(tokenizer), "pad_token_id": tokenizer.pad_token_id}
 
 
-class SampledLogprobs(LogitsProcessor):
-    """The last logits processor of ``generate``: it sees the final scores (temperature and top_p
-    applied), keeps their log-softmax for one step, and reads the sampled token's entry when the
-    next step shows which token was drawn. Memory: one ``[B, V]`` row block, not one per step."""
+class DrawAndRecord(LogitsProcessor):
+    """The last logits processor of ``generate``: it draws the next token from the final scores
+    (temperature and top_p applied) and records that token's log-prob, then leaves only the drawn
+    token finite, so ``generate`` (with ``do_sample=False``) takes it by argmax.
+
+    The draw is an inverse-CDF one (one uniform per row against the cumulative probabilities):
+    the same distribution as ``torch.multinomial``, which draws one exponential per vocabulary
+    entry and cost about 40x more per step at [32, 49152] on a 2-core CPU (docs/benchmark.md).
+    It uses the global torch generator, so a seeded run repeats its draws.
+    """
 
     def __init__(self):
-        self.pending: torch.Tensor | None = None
         self.steps: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.pending is not None:
-            self._take(input_ids[:, -1])
-        self.pending = torch.log_softmax(scores.float(), dim=-1)
-        return scores
-
-    def _take(self, tokens: torch.Tensor) -> None:
-        self.steps.append(self.pending.gather(1, tokens[:, None].to(self.pending.device))[:, 0])
-        self.pending = None
+        logprobs = torch.log_softmax(scores.float(), dim=-1)
+        cdf = logprobs.exp().cumsum(dim=-1)
+        uniform = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, uniform, right=True).clamp_max(cdf.shape[1] - 1)
+        self.steps.append(logprobs.gather(1, tokens)[:, 0])
+        only_drawn = torch.full_like(scores, float("-inf"))
+        return only_drawn.scatter_(1, tokens, 0.0)
 
     def result(self, new_tokens: torch.Tensor) -> torch.Tensor:
         """``[B, steps]`` log-probs of ``new_tokens`` (the generated columns)."""
-        if self.pending is not None:
-            self._take(new_tokens[:, -1])
         if not self.steps:
             return torch.zeros(new_tokens.shape, dtype=torch.float32)
-        return torch.stack(self.steps, dim=1).cpu()
+        return torch.stack(self.steps, dim=1)[:, :new_tokens.shape[1]].cpu()
 
 
 def _cut_after_stop(new_tokens: torch.Tensor, stops: list[int]) -> tuple[list[int], torch.Tensor]:
@@ -124,15 +127,13 @@ class HFSampler(Sampler):
         block, block_mask = block.to(device), block_mask.to(device)
         ids = block if self.ids is None else torch.cat([self.ids, block], dim=1)
         mask = block_mask if self.mask is None else torch.cat([self.mask, block_mask], dim=1)
-        recorder = SampledLogprobs()
-        # generate would warp after any processor passed in: warp here, so the recorder sees the
-        # distribution that is sampled (the same draws as generate's own warpers).
+        recorder = DrawAndRecord()
         processors = LogitsProcessorList([recorder])
         if sampling.top_p < 1.0:
             processors.insert(0, TopPLogitsWarper(sampling.top_p))
         if sampling.temperature != 1.0:
             processors.insert(0, TemperatureLogitsWarper(sampling.temperature))
-        kwargs = {**_generate_kwargs(tokenizer, sampling), "temperature": 1.0, "top_p": 1.0}
+        kwargs = _generate_kwargs(tokenizer, sampling)
         with bf16_output_head(model, sampling.bf16_head):
             output = model.generate(input_ids=ids, attention_mask=mask, past_key_values=self.cache,
                                     return_dict_in_generate=True, logits_processor=processors,
