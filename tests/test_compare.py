@@ -1,6 +1,7 @@
 """`ppg compare` and `ppg evaluate` end to end on the tiny random Llama."""
 
 import csv
+import json
 import math
 import struct
 from pathlib import Path
@@ -20,7 +21,7 @@ FAST = [
     "--data.init_args.batch_size=2", "--data.init_args.val_contexts=1",
     "--data.init_args.sampling.max_new_tokens=3", "--data.init_args.progress=false",
     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-    "--trainer.max_epochs=1",
+    "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1",
 ]
 
 
@@ -126,6 +127,36 @@ def test_unknown_policy_is_a_one_line_error_before_training(tmp_path, monkeypatc
     assert err.startswith("ppg: error: unknown policy 'bogus'; valid forms:") and "\n" not in err
     assert "k<K>" in err and "segment<L>" in err
     assert not (tmp_path / "out" / "runs").exists() or not any((tmp_path / "out" / "runs").iterdir())
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("--trainer.check_val_every_n_epoch=2",
+     "trainer.check_val_every_n_epoch=2 does not divide trainer.max_epochs=3"),
+    ("--data.init_args.val_contexts=0", "data.init_args.val_contexts must be > 0"),
+])
+def test_held_out_schedule_is_checked_before_training(tmp_path, monkeypatch, capsys, override, message):
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the schedule check")
+
+    monkeypatch.setattr(compare_module, "train_run", no_training)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--config", CONFIG[0], "--config", CONFIG[1], "--policies", "greedy",
+              "--out", str(tmp_path), "--overrides", "--trainer.max_epochs=3", "--overrides", override])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_held_out_reward_only_after_the_last_epoch(tmp_path):
+    """Validating once, after the last of 2 epochs: the final reward is that epoch's, the
+    held-out curve has one point at epoch 2, and the figure is written."""
+    overrides = [o for o in FAST if "max_epochs" not in o and "check_val" not in o]
+    compare(CONFIG, policies="greedy", seeds=1, out=str(tmp_path / "out"),
+            overrides=[*overrides, "--trainer.max_epochs=2", "--trainer.check_val_every_n_epoch=2"])
+    summary = json.loads((tmp_path / "out" / "runs" / "greedy_seed0" / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["val_epochs"] == [2]
+    assert len(summary["val_curve"]) == 1 and len(summary["train_curve"]) == 2
+    assert summary["final_reward"] == summary["val_curve"][0]
+    assert _png_size(tmp_path / "out" / "comparison.png")[0] > 500
 
 
 def test_policy_names_map_to_class_paths():

@@ -27,7 +27,9 @@ def plot_comparison(summaries: list[dict], rows: list[dict], path: Path) -> None
             if not length:
                 continue
             stats = [mean_ci([s[key][e] for s in runs]) for e in range(length)]
-            epochs = list(range(1, length + 1))
+            # Held-out points sit at the epochs that validated (e.g. only the last one).
+            epochs = runs[0].get("val_epochs", []) if key == "val_curve" else []
+            epochs = epochs[:length] if len(epochs) >= length else list(range(1, length + 1))
             means = [m for m, _ in stats]
             curves.plot(epochs, means, style, color=colors[label], marker="o", markersize=3,
                         label=f"{label} ({suffix})")

@@ -102,6 +102,20 @@ def run_cli(args: list[str], run: bool = True):
         sys.argv = saved
 
 
+def check_held_out_schedule(config: list[str], overrides: list[str]) -> None:
+    """One-line ValueError, before any training, unless every run validates on held-out contexts
+    after its last epoch (the comparison's final reward)."""
+    args = [arg for path in config for arg in ("--config", str(path))] + list(overrides)
+    cli = run_cli(args, run=False)
+    if not getattr(cli.datamodule, "val_contexts", 0):
+        raise ValueError("data.init_args.val_contexts must be > 0: the comparison scores held-out "
+                         "contexts")
+    epochs, every = cli.trainer.max_epochs, cli.trainer.check_val_every_n_epoch
+    if every is None or epochs is None or epochs < 1 or epochs % every:
+        raise ValueError(f"trainer.check_val_every_n_epoch={every} does not divide "
+                         f"trainer.max_epochs={epochs}: the last epoch would not be validated")
+
+
 def train_run(config: list[str], label: str, subset: RewardSubset, seed: int, save_dir: Path,
               overrides: list[str] | None = None) -> dict:
     """One ``ppg fit`` of ``subset`` with ``seed`` into ``save_dir/<label>_seed<seed>``; its summary."""
@@ -111,7 +125,7 @@ def train_run(config: list[str], label: str, subset: RewardSubset, seed: int, sa
         args += ["--config", str(path)]
     args += list(overrides or [])
     args += [*subset_args(subset), f"--seed_everything={seed}", f"--data.init_args.seed={seed}",
-             "--trainer.check_val_every_n_epoch=1", csv_logger_arg(save_dir, name),
+             csv_logger_arg(save_dir, name),
              "--trainer.callbacks+=ppg.commands.compare.run.GeneratedTokens"]
     started = time.perf_counter()
     cli = run_cli(args)
@@ -165,6 +179,7 @@ def compare(config: list[str], policies: str = "greedy,k2,full", seeds: int = 3,
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"--seeds must be an int >= 1, got {seeds!r}")
     parsed = parse_policies(policies, config, overrides)  # before any training
+    check_held_out_schedule(config, overrides)
     out_dir = Path(out)
     save_dir = out_dir / "runs"
     save_dir.mkdir(parents=True, exist_ok=True)

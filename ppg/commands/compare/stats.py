@@ -53,15 +53,20 @@ def summarize_metrics(metrics_csv: Path, name: str) -> dict:
     columns = set(rows[0]) if rows else set()
     val = _floats(rows, "val/reward_mean")
     if not val:
-        raise RuntimeError(f"{metrics_csv}: no val/reward_mean; the config must validate every epoch "
-                           "on held-out contexts (data.init_args.val_contexts > 0)")
+        raise RuntimeError(f"{metrics_csv}: no val/reward_mean; the config must validate on held-out "
+                           "contexts (data.init_args.val_contexts > 0)")
     last_epoch = val[-1][0]
+    trained = _floats(rows, f"policy/{name}/reward_mean")
+    if trained and trained[-1][0] > last_epoch:
+        raise RuntimeError(f"{metrics_csv}: the last held-out reward is from epoch {last_epoch} but "
+                           f"training ran to epoch {trained[-1][0]}: set "
+                           "trainer.check_val_every_n_epoch to a divisor of trainer.max_epochs")
     turns = sorted(int(m.group(1)) for c in columns if (m := re.fullmatch(r"val/reward_turn(\d+)", c)))
     final_turns = []
     for turn in turns:
         values = [v for e, v in _floats(rows, f"val/reward_turn{turn}") if e == last_epoch]
         final_turns.append(values[-1] if values else math.nan)
-    train_curve = _per_epoch(_floats(rows, f"policy/{name}/reward_mean"))
+    train_curve = _per_epoch(trained)
     snr = _measurements(rows, f"grad_noise/{name}/snr")
     snr_by_class = {}
     for column in sorted(columns):
@@ -73,6 +78,7 @@ def summarize_metrics(metrics_csv: Path, name: str) -> dict:
         "final_reward": val[-1][1],
         "final_reward_turns": final_turns,
         "val_curve": _per_epoch(val),
+        "val_epochs": sorted({epoch + 1 for epoch, _ in val}),
         "train_curve": train_curve,
         "reward_auc": statistics.fmean(train_curve) if train_curve else math.nan,
         "grad_snr": statistics.fmean(snr) if snr else math.nan,
