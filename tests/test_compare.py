@@ -341,6 +341,8 @@ def test_compare_runs_the_lagged_payoff_study_config(tmp_path):
     run = _rows(tmp_path / "out" / "comparison_runs.csv")[0]
     turns = [float(run[f"final_reward_turn{t}"]) for t in range(6)]
     assert "final_reward_turn6" not in run
+    snr = {name: float(run[f"snr_{name}"]) for name in ("greedy", "k2", "full")}  # GradientNoise
+    assert all(math.isfinite(v) and v > 0 for v in snr.values()) and float(run["grad_snr"]) == snr["k2"]
     # Each reward is (1 - 0.5) * clean + 0.5 * u with clean in [0, 1]; turn 0 has no payoff
     # term, so its clean part is at most the cost, 0.25.
     assert all(0.0 <= r < 1.0 for r in turns) and turns[0] < 0.5 * 0.25 + 0.5

@@ -209,7 +209,11 @@ def compare(config: list[str], policies: str = "greedy,k2,full", seeds: int = 3,
     write_csv(rows, out_dir / "comparison.csv")
     run_rows = [{"policy": s["policy"], "seed": s["seed"], "final_reward": s["final_reward"],
                  **{f"final_reward_turn{t}": v for t, v in enumerate(s["final_reward_turns"])},
-                 **{key: s[key] for key in SCORES[1:]}, "log_dir": s["log_dir"]} for s in summaries]
+                 **{key: s[key] for key in SCORES[1:]},
+                 # every class's estimator SNR on this run's batches (the same first batch for
+                 # every class of a seed): a paired measurement of the variance argument
+                 **{f"snr_{name}": v for name, v in sorted(s.get("grad_snr_by_class", {}).items())},
+                 "log_dir": s["log_dir"]} for s in summaries]
     write_csv(run_rows, out_dir / "comparison_runs.csv")
     paired = paired_differences(summaries, [label for label, _ in parsed])
     write_csv(paired, out_dir / "comparison_paired.csv")
