@@ -268,16 +268,44 @@ def test_paired_differences_pair_only_shared_seeds_and_need_two():
     assert paired_differences(_summaries({"k2": [0.6, 0.7]}), ["k2"]) == [{"policy": "k2"}]
 
 
-def _study_tool():
+def _tool(name: str):
     import importlib.util
     import sys
 
-    if "ppg_study_tool" not in sys.modules:  # dataclasses look their module up there
-        path = Path(__file__).resolve().parents[1] / "tools" / "study.py"
-        spec = importlib.util.spec_from_file_location("ppg_study_tool", path)
-        sys.modules["ppg_study_tool"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["ppg_study_tool"])
-    return sys.modules["ppg_study_tool"]
+    module = f"ppg_tool_{name}"
+    if module not in sys.modules:  # dataclasses look their module up there
+        path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(module, path)
+        sys.modules[module] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[module])
+    return sys.modules[module]
+
+
+def _study_tool():
+    return _tool("study")
+
+
+def test_results_tables_from_the_comparison_files(tmp_path, capsys):
+    from ppg.commands.compare.stats import aggregate
+
+    finals, aucs = {"k2": [0.6, 0.7], "full": [0.5, 0.6]}, {"k2": [0.4, 0.5], "full": [0.3, 0.45]}
+    summaries = [{"policy": label, "seed": seed, "final_reward": finals[label][seed],
+                  "final_reward_turns": [finals[label][seed]], "reward_auc": aucs[label][seed],
+                  "grad_snr": 1.5, "generated_tokens": 100, "wall_s": 10.0}
+                 for label in finals for seed in (0, 1)]
+    write_csv(aggregate(summaries, ["k2", "full"]), tmp_path / "comparison.csv")
+    write_csv([{**s, "snr_full": 1.1, "snr_k2": 1.2 + s["seed"]} for s in summaries],
+              tmp_path / "comparison_runs.csv")
+    write_csv(paired_differences(summaries, ["k2", "full"]), tmp_path / "comparison_paired.csv")
+    _tool("results_tables").main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| k2 | 2 | 0.650 ± 0.635 | 0.650 ± 0.635 | 0.450 ± 0.635 | 1.50 ± 0.00 | 10 ± 0 |" in out
+    # Final reward: differences 0.1 and 0.1 (zero width, a winner); AUC: 0.1 and 0.05.
+    assert "| k2 − full (best other) | 2 | 0.100 ± 0.000 | **yes** | 0.075 ± 0.318 |" in out
+    assert "| full − k2 (best other) | 2 | -0.100 ± 0.000 | no | -0.075 ± 0.318 |" in out
+    assert "| 1 | 0.700 | 0.600 | 1.10 | 2.20 |" in out  # seed, finals, SNR full, SNR k2
+    with pytest.raises(SystemExit):
+        _tool("results_tables").main([str(tmp_path / "missing")])
 
 
 def test_study_tool_dry_run_prints_seed_rounds(capsys):
