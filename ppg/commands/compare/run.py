@@ -11,7 +11,8 @@ the rest (an unfinished run is started again from scratch).
 Scores, per run (all read from the run's ``metrics.csv``):
 
 - final reward: ``val/reward_mean`` (and ``val/reward_turn<t>``) of the LAST epoch: the validation
-  rollouts on the held-out contexts that fit runs after every epoch;
+  rollouts on the held-out contexts, run every ``trainer.check_val_every_n_epoch`` epochs (the
+  schedule must validate the last epoch; checked before any training);
 - reward AUC: mean over epochs of the training reward ``policy/<name>/reward_mean``;
 - gradient SNR: mean of ``grad_noise/<name>/snr`` (the trained class's own estimator);
 - generated tokens: agent tokens sampled in training rollouts (validation not counted);
