@@ -464,8 +464,8 @@ def demo_command(args, out: str) -> list[str]:
     """One (class, seed) run of the demo: full planning, seed 0 (``--quick``: a token budget)."""
     overrides = [f"--model.model.name_or_path={args.model}"]
     if args.quick:
-        overrides += ["--trainer.max_epochs=1", "--data.init_args.rollouts_per_epoch=4",
-                      "--data.init_args.batch_size=4", "--data.init_args.val_contexts=1",
+        overrides += ["--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1",
+                      "--data.init_args.rollouts_per_epoch=4", "--data.init_args.batch_size=4", "--data.init_args.val_contexts=1",
                       "--data.init_args.val_group_size=1", "--data.init_args.sampling.max_new_tokens=8"]
     return [sys.executable, "-m", "ppg.cli", "compare", "--config", str(DEMO_CONFIG), "--policies", "full",
             "--seeds", "1", "--out", out, *(f"--overrides={o}" for o in overrides)]
