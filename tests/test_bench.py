@@ -131,3 +131,14 @@ def test_quick_run_writes_the_contract_keys(tmp_path):
     assert same["batch"] == trl["batch"] == 8 and same["steps"] == trl["steps"] == 1
     assert 0 < same["generated_tokens"] <= 8 * 16 and 0 < trl["generated_tokens"] <= 8 * 16
     assert [row["key"] for row in result["targets"]] == [key for key, *_ in bench.TARGETS]
+
+
+def test_shown_commands_carry_no_machine_paths():
+    import os
+    import sys
+    import tempfile
+
+    folder = os.path.join(tempfile.gettempdir(), "ppg-bench-demo-x1_y2")
+    command = [sys.executable, "-m", "ppg.cli", "compare", "--config", str(bench.ROOT / "configs" / "a.yaml"),
+               "--out", folder]
+    assert bench._shown(command) == "python -m ppg.cli compare --config configs/a.yaml --out <temporary folder>"

@@ -42,6 +42,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import signal
 import socket
@@ -423,7 +424,8 @@ print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 def _shown(command: list[str]) -> str:
     """The command as a person would type it in the repository: no interpreter or repo paths."""
     words = ["python" if word == sys.executable else word.replace(f"{ROOT}/", "") for word in command]
-    return shlex.join(words)
+    temporary = re.escape(tempfile.gettempdir().rstrip("/"))
+    return re.sub(rf"{temporary}/ppg-bench-[a-z]+-\w+", "<temporary folder>", shlex.join(words))
 
 
 def run_measured(command: list[str], timeout: float, threads: int | None = None) -> dict:
