@@ -308,6 +308,16 @@ def test_results_tables_from_the_comparison_files(tmp_path, capsys):
         _tool("results_tables").main([str(tmp_path / "missing")])
 
 
+def test_results_tables_take_seed_snr_from_the_run_that_measured_every_class(tmp_path, capsys):
+    # greedy's run did not measure segment (its callback list was greedy, full); segment's did
+    runs = [{"policy": "greedy", "seed": 0, "final_reward": 0.4, "snr_greedy": 1.3, "snr_full": 1.0,
+             "snr_segment": ""},
+            {"policy": "segment", "seed": 0, "final_reward": 0.6, "snr_greedy": 1.1, "snr_full": 1.2,
+             "snr_segment": 1.35}]
+    out = _tool("results_tables").seed_table(runs)
+    assert "| 0 | 0.400 | 0.600 | 1.20 | 1.10 | 1.35 |" in out  # seed, finals, SNR full/greedy/segment
+
+
 def test_study_tool_dry_run_prints_seed_rounds(capsys):
     study = _study_tool()
     study.main(["--problems", "lagged_payoff,block_structured", "--seeds", "2", "--dry-run"])

@@ -86,8 +86,11 @@ def seed_table(runs: list[dict]) -> str:
     for seed in seeds:
         of_seed = {r["policy"]: r for r in runs if int(r["seed"]) == seed}
         # SNR on the first batch is the same for every class of a seed; the first class's run
-        # (averaged over its own measurements) stands for the seed.
-        first = of_seed[labels[0]] if labels[0] in of_seed else next(iter(of_seed.values()))
+        # that measured every class (a run measures its own class and its callback's list)
+        # stands for the seed.
+        complete = [r for r in of_seed.values() if all(r.get(f"snr_{c}") for c in snr_classes)]
+        ordered = [of_seed[label] for label in labels if label in of_seed]
+        first = next((r for r in ordered if r in complete), ordered[0])
         lines.append("| " + " | ".join([
             str(seed), *[cell(number(of_seed[label]["final_reward"])) if label in of_seed else "–"
                          for label in labels],
