@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ppg.models.cpu.gqa_attention import use_cpu_gqa_attention
 from ppg.models.cpu.memory import detach_from_checkpoint_file
 from ppg.models.cpu.nf4_layouts import keep_both_nf4_layouts
 from ppg.models.embedded import EMBEDDED_MODELS, SMOLLM2, TINY_RANDOM, embedded_model_dir
@@ -117,6 +118,7 @@ def load_base_model(spec: ModelSpec | dict | None = None, device: str | torch.de
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if spec.quantization == "nf4":
         keep_both_nf4_layouts(model)
+    use_cpu_gqa_attention(model)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model, tokenizer
