@@ -45,7 +45,12 @@ class SNRAccumulator:
 class GradientNoise(L.Callback):
     """Every ``every_n_steps`` training steps, logs ``grad_noise/<name>/snr`` for the trained class
     and each class in ``compare``: per-sample estimator gradients Σ_t A_S[b, t] ∇log π(a_t),
-    all from the same per-turn gradients, so the classes differ only in their credit."""
+    all from the same per-turn gradients, so the classes differ only in their credit.
+
+    The per-turn gradients are computed in the training precision (bf16 autocast under
+    ``bf16-mixed``; log-probs still normalised in fp32): one firing costs a forward and a backward
+    per turn of every rollout, and fp32 made it the largest single cost of a short run.
+    """
 
     def __init__(self, every_n_steps: int = 10, compare: list[str] | None = None):
         if every_n_steps < 1:
@@ -66,7 +71,7 @@ class GradientNoise(L.Callback):
         subsets = self._subsets(pl_module)
         advantages = [pl_module.advantages(batch, subset).float() for subset in subsets]
         accumulators = [SNRAccumulator() for _ in subsets]
-        with torch.enable_grad():
+        with trainer.precision_plugin.forward_context(), torch.enable_grad():
             for row in range(batch.rewards.shape[0]):
                 turn_grads = rollout_turn_gradients(pl_module, batch, row, params)
                 for accumulator, advantage in zip(accumulators, advantages):

@@ -142,3 +142,17 @@ def test_shown_commands_carry_no_machine_paths():
     command = [sys.executable, "-m", "ppg.cli", "compare", "--config", str(bench.ROOT / "configs" / "a.yaml"),
                "--out", folder]
     assert bench._shown(command) == "python -m ppg.cli compare --config configs/a.yaml --out <temporary folder>"
+
+
+def test_server_log_excerpt_keeps_the_first_traceback_and_the_end():
+    lines = [f"INFO start {i}" for i in range(40)] + [
+        "(APIServer pid=1) ERROR 11-22 [async_llm.py:906] AsyncLLM output_handler failed.",
+        "Traceback (most recent call last):", '  File "core.py", line 3', "ValueError: boom",
+    ] + [f"INFO request {i} 500" for i in range(40)] + [
+        " - leaked type \"triton.x\"", "nanobind: leaked 64 types!", "INFO shut down"]
+    excerpt = bench._log_tail("\n".join(lines))
+    assert excerpt[0].endswith("AsyncLLM output_handler failed.") and excerpt[3] == "ValueError: boom"
+    assert len(excerpt) == 20 + 1 + 10 and excerpt[20] == "..."
+    assert excerpt[-1] == "INFO shut down" and not any("leaked" in line for line in excerpt)
+    # no error: the last lines only
+    assert bench._log_tail("\n".join(f"line {i}" for i in range(50))) == [f"line {i}" for i in range(20, 50)]

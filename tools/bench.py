@@ -213,14 +213,16 @@ def run_rollouts(policy, tokenizer, batch: int, args, seed: int = 0):
     return rollouts, time.perf_counter() - started, engine
 
 
-def make_module(policy, tokenizer, args):
-    """ppg's LightningModule around the already loaded policy (K=2 lookahead, AdamW lr 1e-5)."""
+def make_module(policy, tokenizer, args, micro_batch: int | None = None):
+    """ppg's LightningModule around the already loaded policy (K=2 lookahead, AdamW lr 1e-5);
+    ``micro_batch`` rollouts per forward/backward (default ``--micro-batch``; 0: whole batch)."""
     from ppg.module import PartialPolicyGradientModule
     from ppg.subsets import KStepLookahead
 
+    micro_batch = args.micro_batch if micro_batch is None else micro_batch
     module = PartialPolicyGradientModule(
         model={"name_or_path": args.model, "quantization": args.quantization, "lora": LORA},
-        subset=KStepLookahead(2), lr=1e-5, micro_batch_size=args.micro_batch or None)
+        subset=KStepLookahead(2), lr=1e-5, micro_batch_size=micro_batch or None)
     module.policy, module.tokenizer = policy, tokenizer  # configure_model keeps a loaded policy
     return module
 
@@ -336,7 +338,9 @@ def same_work_contexts(args):
 
 def bench_ppg_same_work(policy, tokenizer, args) -> dict:
     """ppg steps on TRL's work: one agent turn per prompt, ``trl_prompts`` prompts x G rollouts,
-    the same reward, then one update through the module; the first step is a warm-up."""
+    the same reward, then one update through the module with the whole batch in one
+    forward/backward, as GRPOTrainer takes it (``per_device_train_batch_size`` = the batch, no
+    gradient accumulation); the first step is a warm-up."""
     from ppg.judges.rule import RuleJudge
     from ppg.rollout import collate_rollouts
 
@@ -350,7 +354,7 @@ def bench_ppg_same_work(policy, tokenizer, args) -> dict:
         return collate_rollouts(rollouts, tokenizer.pad_token_id), engine.stats.agent_tokens
 
     steps = RolloutSteps(generate, args.iterations + 1)
-    train_seconds = fit_steps(make_module(policy, tokenizer, args), steps, args.precision)
+    train_seconds = fit_steps(make_module(policy, tokenizer, args, micro_batch=0), steps, args.precision)
     seconds = [g + t for g, t in zip(steps.seconds, train_seconds)][1:]
     tokens = steps.tokens[1:]
     return {"batch": batch, "steps": len(seconds), "generated_tokens": sum(tokens),
@@ -751,8 +755,7 @@ def bench_samplers(args) -> dict:
     by default; the vLLM engines get its dequantized bf16 copy) with a non-zero LoRA adapter.
     Sync: the median of three ``update_adapters`` calls (save + load into the engine).
     """
-    from ppg.models.dequantized import dequantized_base_dir
-    from ppg.rollout import HFSampler, Sampling, ServedSampler, VLLMSampler
+    from ppg.rollout import HFSampler, Sampling, VLLMSampler
     from ppg.rollout.samplers.hf import chat_prompt_ids
 
     policy, tokenizer, _ = load(args.model, args.quantization)
@@ -790,7 +793,22 @@ def bench_samplers(args) -> dict:
             sampler.close()
 
     measure("hf", HFSampler())
+    # The server first: after an in-process engine had run, the served row failed in two full runs.
+    measure_served(measure, spec, result, args)
     measure("vllm", VLLMSampler(dtype="bfloat16", max_model_len=2048))
+    for name in ("hf", "vllm", "served"):
+        result[f"sampler_{name}_tokens_per_s"] = result.get(name, {}).get("tokens_per_s")
+    result["sampler_vllm_sync_s"] = result.get("vllm", {}).get("sync_s")
+    result["sampler_served_sync_s"] = result.get("served", {}).get("sync_s")
+    return result
+
+
+def measure_served(measure, spec: dict, result: dict, args) -> None:
+    """The ``served`` sampler row against ``vllm serve`` on 127.0.0.1 (started and stopped here);
+    if the server exits or never answers, the row records that with the tail of its log."""
+    from ppg.models.dequantized import dequantized_base_dir
+    from ppg.rollout import ServedSampler
+
     base = dequantized_base_dir(spec, "bfloat16")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -801,28 +819,43 @@ def bench_samplers(args) -> dict:
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--enforce-eager",
                "--max-model-len", "2048", "--enable-lora", "--max-lora-rank", str(LORA["r"]),
                "--logprobs-mode", "processed_logprobs", "--disable-log-stats"]
-    with tempfile.TemporaryFile() as log:
+    with tempfile.TemporaryFile(mode="w+") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                   start_new_session=True)
         try:
             started, url = time.perf_counter(), f"http://127.0.0.1:{port}/v1"
-            while time.perf_counter() - started < args.fit_timeout and server.poll() is None:
+            ready = False
+            while not ready and time.perf_counter() - started < args.fit_timeout and server.poll() is None:
                 try:
                     urllib.request.urlopen(url + "/models", timeout=2).close()
-                    break
+                    ready = True
                 except OSError:
                     time.sleep(1)
             result["served_start_s"] = time.perf_counter() - started
-            measure("served", ServedSampler(base_url=url, max_concurrency=args.sampler_batch))
+            if ready:
+                measure("served", ServedSampler(base_url=url, max_concurrency=args.sampler_batch))
+            if not ready or "error" in result.get("served", {}):
+                state = (f"exited with code {server.returncode}" if server.poll() is not None
+                         else "running" if ready else f"not ready after {args.fit_timeout:.0f} s")
+                log.seek(0)
+                result.setdefault("served", {}).setdefault("error", f"vllm serve {state}")
+                result["served"]["server"] = state
+                result["served"]["server_log_tail"] = _log_tail(log.read())
         finally:
             if server.poll() is None:
                 os.killpg(server.pid, signal.SIGTERM)
                 server.wait(timeout=60)
-    for name in ("hf", "vllm", "served"):
-        result[f"sampler_{name}_tokens_per_s"] = result.get(name, {}).get("tokens_per_s")
-    result["sampler_vllm_sync_s"] = result.get("vllm", {}).get("sync_s")
-    result["sampler_served_sync_s"] = result.get("served", {}).get("sync_s")
-    return result
+
+
+def _log_tail(text: str, head: int = 20, tail: int = 10) -> list[str]:
+    """A server log's first traceback (or error line) and its last lines, without the
+    interpreter's exit-time leak noise: what says why a request failed."""
+    kept = [line[:300] for line in text.splitlines()
+            if line.strip() and not line.startswith((" - ", "nanobind:", "  warnings.warn"))]
+    first = next((i for i, line in enumerate(kept) if "Traceback" in line or " ERROR " in line), None)
+    if first is None or first + head >= len(kept) - tail:
+        return kept[-(head + tail):]
+    return [*kept[first:first + head], "...", *kept[-tail:]]
 
 
 def print_samplers(result: dict) -> None:
