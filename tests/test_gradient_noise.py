@@ -38,6 +38,7 @@ def _fit_with_gradient_noise(tiny_spec, precision: str, tmp_path) -> tuple[set, 
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
     from ppg.callbacks.gradient_noise import GradientNoise
+
     from ppg.data import ConversationDataModule
     from ppg.module import PartialPolicyGradientModule
     from ppg.rollout import collate_rollouts, rollout_from_messages
