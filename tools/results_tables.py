@@ -88,9 +88,8 @@ def seed_table(runs: list[dict]) -> str:
         # SNR on the first batch is the same for every class of a seed; the first class's run
         # that measured every class (a run measures its own class and its callback's list)
         # stands for the seed.
-        complete = [r for r in of_seed.values() if all(r.get(f"snr_{c}") for c in snr_classes)]
         ordered = [of_seed[label] for label in labels if label in of_seed]
-        first = next((r for r in ordered if r in complete), ordered[0])
+        first = next((r for r in ordered if all(r.get(f"snr_{c}") for c in snr_classes)), ordered[0])
         lines.append("| " + " | ".join([
             str(seed), *[cell(number(of_seed[label]["final_reward"])) if label in of_seed else "–"
                          for label in labels],
