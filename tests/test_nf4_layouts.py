@@ -62,3 +62,37 @@ def test_state_dict_while_packed_keeps_both_layouts(tiny_spec):
         policy.state_dict()
         second = policy(input_ids=ids).logits
     torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not _packing_cpu(), reason="bitsandbytes packs nf4 for inference only on AVX512-BF16 CPUs")
+def test_bf16_autocast_training_dequantizes_to_bf16_with_the_same_gradients(tiny_spec, monkeypatch):
+    import bitsandbytes as bnb
+
+    from ppg.models.cpu import nf4_layouts
+
+    policy, _ = load_policy({**tiny_spec, "quantization": "nf4"})
+    ids = torch.randint(10, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        policy.eval()
+        inference_logits = policy(input_ids=ids).logits  # packs the inference layout, sets compute types
+    layers = [m for m in policy.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+    def autocast_grads():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _lora_grads(policy, ids)
+
+    loss, grads = autocast_grads()
+    assert {(m.weight.quant_state.dtype, m.compute_dtype) for m in layers} == {(torch.bfloat16,) * 2}
+    policy.eval()
+    with torch.no_grad():  # inference afterwards: the packed layout in fp32 again, the same logits
+        assert torch.equal(policy(input_ids=ids).logits, inference_logits)
+    assert {m.compute_dtype for m in layers} == {torch.float32}
+    monkeypatch.setattr(nf4_layouts, "_bf16_autocast", lambda: False)  # fp32 dequantization, cast by autocast
+    loss_fp32, grads_fp32 = autocast_grads()
+    assert {(m.weight.quant_state.dtype, m.compute_dtype) for m in layers} == {(torch.float32,) * 2}
+    assert loss == loss_fp32
+    for name in grads:
+        assert torch.equal(grads[name], grads_fp32[name]), name

@@ -135,7 +135,10 @@ def token_logprobs(model, batch: RolloutBatch, temperature: float = 1.0) -> torc
     logits = base.get_output_embeddings()(hidden[rows, cols])
     targets = batch.input_ids[rows, cols + 1]
     with torch.autocast(logits.device.type, enabled=False):  # fp32 under mixed precision
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        logits = logits.float()
+        if temperature != 1.0:  # x / 1.0 == x: skip a pass over a [tokens, vocabulary] tensor
+            logits = logits / temperature
+        logp = torch.log_softmax(logits, dim=-1)
         logp = logp.gather(1, targets.unsqueeze(1)).squeeze(1)
         per_token = torch.zeros(batch.input_ids.shape, dtype=logp.dtype, device=logp.device)
         return per_token.index_put((rows, cols + 1), logp)

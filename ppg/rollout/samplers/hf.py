@@ -15,6 +15,7 @@ from transformers import (
 
 from ppg.models.cpu.bf16_head import bf16_output_head
 from ppg.rollout.samplers.base import SampledTurn, Sampler, Sampling, left_pad, stop_token_ids
+from ppg.rollout.samplers.growing_cache import growing_cache
 
 
 def _generate_kwargs(tokenizer, sampling: Sampling) -> dict:
@@ -134,6 +135,8 @@ class HFSampler(Sampler):
         if sampling.temperature != 1.0:
             processors.insert(0, TemperatureLogitsWarper(sampling.temperature))
         kwargs = _generate_kwargs(tokenizer, sampling)
+        if self.cache is None:
+            self.cache = growing_cache(model.config)
         with bf16_output_head(model, sampling.bf16_head):
             output = model.generate(input_ids=ids, attention_mask=mask, past_key_values=self.cache,
                                     return_dict_in_generate=True, logits_processor=processors,
