@@ -138,3 +138,23 @@ def test_kv_cache_reuse_between_turns_gives_the_same_conversations(tiny_policy):
         rollouts = engine.run(contexts, seed=0)
         texts[reuse] = [(r.agent_texts, r.token_ids) for r in rollouts]
     assert texts[True] == texts[False]
+
+
+def test_a_rollout_phase_leaves_no_tensor_in_reference_cycles(tiny_policy):
+    """The engine trims the heap after a phase without a garbage collection: that is only
+    right if the phase's tensors (KV caches, sampled ids) are freed by reference counting."""
+    import gc
+
+    engine = _engine(tiny_policy, user=SelfPlayUser(Sampling(max_new_tokens=6)))
+    engine.run(_contexts(2), seed=0)  # warm-up: lazily built modules, caches of transformers
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        rollouts = engine.run(_contexts(3), seed=1)
+        gc.collect()
+        cyclic_tensors = [o for o in gc.garbage if isinstance(o, torch.Tensor)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert len(rollouts) == 6
+    assert cyclic_tensors == []
