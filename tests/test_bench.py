@@ -154,5 +154,12 @@ def test_server_log_excerpt_keeps_the_first_traceback_and_the_end():
     assert excerpt[0].endswith("AsyncLLM output_handler failed.") and excerpt[3] == "ValueError: boom"
     assert len(excerpt) == 20 + 1 + 10 and excerpt[20] == "..."
     assert excerpt[-1] == "INFO shut down" and not any("leaked" in line for line in excerpt)
+    # machine paths of packages and the standard library are named, not spelled out
+    import site
+    import sysconfig
+    package = Path(site.getsitepackages()[0]) / "vllm" / "worker.py"
+    stdlib = Path(sysconfig.get_paths()["stdlib"]) / "multiprocessing" / "tracker.py"
+    assert bench._log_tail(f'Traceback\n  File "{package}", line 1\nwarning at {stdlib}:254') == [
+        "Traceback", '  File "<site-packages>/vllm/worker.py", line 1', "warning at <stdlib>/multiprocessing/tracker.py:254"]
     # no error: the last lines only
     assert bench._log_tail("\n".join(f"line {i}" for i in range(50))) == [f"line {i}" for i in range(20, 50)]

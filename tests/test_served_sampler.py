@@ -65,7 +65,7 @@ def server(tmp_path_factory, tokenizer):
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
                "--max-model-len", "512", "--enable-lora", "--max-lora-rank", "8",
-               "--logprobs-mode", "processed_logprobs", "--disable-log-stats"]
+               "--logprobs-mode", "processed_logprobs", "--disable-log-stats", "--no-enable-chunked-prefill"]
     with log.open("w") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)

