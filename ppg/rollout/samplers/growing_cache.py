@@ -39,8 +39,10 @@ class GrowingKVLayer(DynamicLayer):
         return self.keys, self.values
 
     def _in_room(self) -> bool:
-        return (self.key_room is not None and self.keys._base is self.key_room
-                and self.values._base is self.value_room)
+        """Whether ``keys``/``values`` are still the views of the room this layer returned
+        (views from its first position, so they start where the room starts)."""
+        return (self.key_room is not None and self.keys.data_ptr() == self.key_room.data_ptr()
+                and self.values.data_ptr() == self.value_room.data_ptr())
 
     def _move_to_new_room(self, length: int, like: torch.Tensor, capacity: int) -> None:
         shape = (*like.shape[:-2], capacity, like.shape[-1])
